@@ -1,0 +1,138 @@
+"""Directional GRU sweeps of the SDN correction stage, and the registry of implementations.
+
+Every implementation computes, for one direction, the same recurrence (spec §1.2)::
+
+    u_i = [p_{i-1}, p_i, p_{i+1}]            # neighbours on the previous, updated line (zero padded)
+    a = W_in u_i + b_in ; c = W_h h_i + b_h  # h_i = the cell's value before this sweep
+    r = sig(a_r + c_r); z = sig(a_z + c_z); n = tanh(a_n + r * c_n)
+    s_i = z * n + (1 - z) * h_i
+
+The first line of the sweep keeps its value. Implementations work on *lines-major* tensors
+``(T, B, L, S)`` (T steps of lines of length L, features last so a line is contiguous) and are
+registered by name with :func:`register_sweep`. :func:`sweep` converts from/to NCHW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SweepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_IMPLS: dict[str, SweepFn] = {}
+_AVAILABLE: dict[str, Callable[[torch.Tensor], bool]] = {}
+#: Preference order for impl="auto": the first available implementation wins.
+AUTO_ORDER: list[str] = ["loop"]
+
+
+def register_sweep(name: str, fn: SweepFn, available: Callable[[torch.Tensor], bool] | None = None,
+                   priority: int | None = None) -> None:
+    """Register a lines-major sweep implementation.
+
+    ``available(x)`` says whether it can run on tensor ``x`` (device, dtype, grad mode); ``priority``
+    inserts it at that index of :data:`AUTO_ORDER` (None: not used by "auto").
+    """
+    _IMPLS[name] = fn
+    _AVAILABLE[name] = available or (lambda x: True)
+    if priority is not None and name not in AUTO_ORDER:
+        AUTO_ORDER.insert(priority, name)
+
+
+def list_sweeps() -> list[str]:
+    """Names of the registered sweep implementations."""
+    _load_optional_impls()
+    return sorted(_IMPLS)
+
+
+def to_lines(x: torch.Tensor, direction: int) -> torch.Tensor:
+    """NCHW -> lines-major (T, B, L, S) so that the sweep runs over increasing T."""
+    if direction in (0, 1):
+        lines = x.permute(3, 0, 2, 1)  # (W, B, H, S): columns are lines
+    elif direction in (2, 3):
+        lines = x.permute(2, 0, 3, 1)  # (H, B, W, S): rows are lines
+    else:
+        raise ValueError(f"direction must be 0..3, got {direction}")
+    if direction in (1, 3):
+        lines = lines.flip(0)
+    return lines
+
+
+def from_lines(lines: torch.Tensor, direction: int) -> torch.Tensor:
+    """Inverse of :func:`to_lines`."""
+    if direction in (1, 3):
+        lines = lines.flip(0)
+    if direction in (0, 1):
+        return lines.permute(1, 3, 2, 0)
+    return lines.permute(1, 3, 0, 2)
+
+
+def gru_update(a: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """GRU gate math shared by the implementations: a = input term, c = prior term, h = prior."""
+    a_r, a_z, a_n = a.chunk(3, dim=-1)
+    c_r, c_z, c_n = c.chunk(3, dim=-1)
+    r = torch.sigmoid(a_r + c_r)
+    z = torch.sigmoid(a_z + c_z)
+    n = torch.tanh(a_n + r * c_n)
+    return z * n + (1 - z) * h
+
+
+def neighbours3(prev: torch.Tensor) -> torch.Tensor:
+    """(B, L, S) line -> (B, L, 3S) taps [i-1, i, i+1] with zero padding at the line ends."""
+    pad = F.pad(prev, (0, 0, 1, 1))
+    return torch.cat((pad[:, :-2], pad[:, 1:-1], pad[:, 2:]), dim=-1)
+
+
+def sweep_loop(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
+               w_h: torch.Tensor, b_h: torch.Tensor) -> torch.Tensor:
+    """Plain autograd loop: one whole-line GEMM per step, prior term hoisted out of the loop."""
+    prior = F.linear(lines, w_h, b_h)  # not recurrent: one GEMM for all lines
+    prev = lines[0]
+    out = [prev]
+    for t in range(1, lines.shape[0]):
+        a = F.linear(neighbours3(prev), w_in, b_in)
+        prev = gru_update(a, prior[t], lines[t])
+        out.append(prev)
+    return torch.stack(out)
+
+
+register_sweep("loop", sweep_loop)
+
+_optional_loaded = False
+
+
+def _load_optional_impls() -> None:
+    """Import modules that register faster implementations (they may be absent or unusable)."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    import importlib
+
+    for mod in ("napari_sdunet.models.sweep_fast",):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def pick_impl(x: torch.Tensor, impl: str = "auto") -> str:
+    """Resolve ``impl`` ("auto" or a name) to a registered implementation that can run on ``x``."""
+    _load_optional_impls()
+    if impl == "auto":
+        for name in AUTO_ORDER:
+            if name in _IMPLS and _AVAILABLE[name](x):
+                return name
+        return "loop"
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown sweep implementation {impl!r}; have {sorted(_IMPLS)}")
+    return impl
+
+
+def sweep(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
+          b_h: torch.Tensor, direction: int, impl: str = "auto") -> torch.Tensor:
+    """Apply one directional sweep to an NCHW state tensor ``x`` of S channels."""
+    name = pick_impl(x, impl)
+    lines = to_lines(x, direction).contiguous()
+    return from_lines(_IMPLS[name](lines, w_in, b_in, w_h, b_h), direction)

@@ -1,0 +1,100 @@
+"""Turn a user's 2-D image into model input and a model output back into the image's frame.
+
+The model's ``config.json`` records its preprocessing (input size, channels, intensity scaling or
+CT window); these functions apply it, so users can bring images of any size, dtype and camera.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class InputError(ValueError):
+    """The image cannot be segmented as given (wrong ndim, channels, NaN, empty, ...)."""
+
+
+def check_image(image: np.ndarray, channel_axis: bool) -> np.ndarray:
+    """Validate one 2-D image (H, W) or (H, W, C) and return it as a numpy array."""
+    arr = np.asarray(image)
+    if arr.size == 0:
+        raise InputError("the image is empty")
+    want = 3 if channel_axis else 2
+    if arr.ndim != want:
+        raise InputError(f"expected a {'(Y, X, C)' if channel_axis else '(Y, X)'} image, got shape {arr.shape}")
+    if channel_axis and arr.shape[-1] not in (1, 2, 3, 4):
+        raise InputError(f"the channel axis has {arr.shape[-1]} entries; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"unsupported pixel type {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError("the image contains NaN or infinite values")
+    return arr
+
+
+def normalize_intensity(arr: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
+    """Scale intensities to [0, 1]: a CT window for CT models, else by dtype / robust percentiles."""
+    x = arr.astype(np.float32, copy=False)
+    window = prep.get("ct_window")
+    if window:
+        lo, hi = float(window[0]), float(window[1])
+        return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    if arr.dtype == np.uint8:
+        return x / 255.0
+    lo, hi = np.percentile(x, (0.5, 99.8))
+    if arr.dtype.kind == "f" and lo >= 0.0 and x.max() <= 1.0:
+        return x  # already in [0, 1]
+    if hi <= lo:
+        return np.zeros_like(x)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W[, C]) -> (channels, H, W): grey is repeated, alpha dropped, RGB averaged for 1 channel."""
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.shape[-1] == 4:
+        x = x[..., :3]
+    elif x.shape[-1] == 2:
+        x = x[..., :1]
+    if x.shape[-1] != channels:
+        x = np.repeat(x, channels, axis=-1) if x.shape[-1] == 1 else x.mean(-1, keepdims=True)
+    return np.ascontiguousarray(np.moveaxis(x, -1, 0))
+
+
+def resize(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W) with antialiasing when shrinking."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    shrink = size[0] < t.shape[-2] or size[1] < t.shape[-1]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def to_model_input(image: np.ndarray, prep: dict[str, Any], channel_axis: bool | None = None,
+                   ) -> torch.Tensor:
+    """One 2-D image -> float32 tensor (C, h, w) at the model's input size."""
+    if channel_axis is None:
+        channel_axis = np.ndim(image) == 3
+    arr = check_image(image, channel_axis)
+    x = match_channels(normalize_intensity(arr, prep), int(prep.get("channels", 3)))
+    t = torch.from_numpy(x)[None]
+    size = prep.get("input_size")
+    if size:
+        t = resize(t, (int(size[0]), int(size[1])))
+    return t[0]
+
+
+def to_image_frame(prob: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Probabilities (N, 1, h, w) -> (N, H, W) at the image's size (bilinear)."""
+    return resize(prob, tuple(shape))[:, 0]
+
+
+def mask_to_model(mask: np.ndarray, prep: dict[str, Any]) -> torch.Tensor:
+    """A reference mask (H, W) -> float {0, 1} tensor (1, h, w) at the model's input size."""
+    t = torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))[None, None]
+    size = prep.get("input_size")
+    if size:
+        t = (resize(t, (int(size[0]), int(size[1]))) >= 0.5).float()
+    return t[0]

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests needing the real data sets skip when ../shared/data is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with a reason when it is not there."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the real data set at {path} (only CI and the developers' machines have "
+                    "../shared/data; see sample_data/README.md)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_user_models(tmp_path_factory, monkeypatch):
+    """Never touch the real user models folder from a test."""
+    monkeypatch.setenv("NAPARI_SDUNET_MODELS", str(tmp_path_factory.mktemp("user_models")))
