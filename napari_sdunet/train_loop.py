@@ -1,0 +1,325 @@
+"""The one training loop, shared by ``training/`` (from scratch) and fine-tuning.
+
+Pure torch, no Qt. ``fit`` trains a model on (image, mask) datasets with the paper's recipe
+(0.5 BCE + soft-Dice loss, Adam, early stopping on validation Dice, keep the best weights), and
+reports progress through a callback, stops when ``should_stop()`` is true, resumes from a state
+folder, runs mixed precision on CUDA, and works under torch DDP (``torchrun``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .losses import dice_bce_loss, hard_dice
+
+
+@dataclass
+class FitConfig:
+    """Training settings. ``max_steps`` caps the run; ``val_every`` counts steps (0: once an epoch)."""
+
+    epochs: int = 100
+    max_steps: int | None = None
+    lr: float = 1e-4
+    batch_size: int = 20
+    weight_decay: float = 0.0
+    val_every: int = 0
+    patience: int | None = 30
+    amp: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    trainable: str = "all"  # "all" or "decoder"
+    lr_schedule: str = "constant"  # "constant" or "cosine"
+    grad_clip: float | None = None
+    val_flip_tta: bool = False
+
+
+@dataclass
+class Progress:
+    """One report to the caller: training step done, or validation done."""
+
+    kind: str  # "step" | "val" | "done"
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float = math.nan
+    val_dice: float = math.nan
+    best_val_dice: float = math.nan
+    seconds: float = 0.0
+
+
+@dataclass
+class FitResult:
+    best_val_dice: float
+    best_step: int
+    steps: int
+    cancelled: bool
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda, then mps, then cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def decoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters of the decoder half (U-Net ups + head; U-Net++ nodes with j >= 1 + head)."""
+    params = []
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        if top in ("ups", "head"):
+            params.append(p)
+        elif top == "nodes" and not name.split(".")[1].endswith("_0"):
+            params.append(p)
+    return params
+
+
+@torch.no_grad()
+def evaluate_dice(model: torch.nn.Module, data: Dataset, batch_size: int = 20,
+                  device: str | torch.device = "cpu", flip_tta: bool = False) -> float:
+    """Mean per-image Dice (threshold 0.5, empty/empty = 1) of ``model`` on ``data``."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    scores = []
+    for x, y in DataLoader(data, batch_size=batch_size):
+        x = x.to(device)
+        logits = predict_logits(model, x, flip_tta)
+        scores.append(hard_dice(logits.cpu(), y))
+    model.train(was_training)
+    return float(torch.cat(scores).mean()) if scores else math.nan
+
+
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
+    """Logits of ``model`` on ``x``; with ``flip_tta`` the mean over identity + h/v flips."""
+    if not flip_tta:
+        return model(x).float()
+    out = model(x).float()
+    out += model(x.flip(-1)).float().flip(-1)
+    out += model(x.flip(-2)).float().flip(-2)
+    return out / 3
+
+
+# -- training state for resume (safetensors + JSON, no pickle) -----------------------------------
+
+def _save_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                best_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    opt_state = opt.state_dict()
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"opt.{pid}.{k}"] = t.detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = dict(meta, param_groups=opt_state["param_groups"],
+                rng_torch=torch.get_rng_state().tolist(), rng_numpy_seed=int(np.random.randint(2**31)))
+    (tmp / "state.json").write_text(json.dumps(meta))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, folder)
+
+
+def _load_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(torch.tensor(meta["rng_torch"], dtype=torch.uint8))
+    np.random.seed(meta["rng_numpy_seed"])
+    return best, meta
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: FitConfig,
+    *,
+    device: str | torch.device = "auto",
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    state_dir: str | os.PathLike | None = None,
+    state_every: int = 50,
+) -> FitResult:
+    """Train ``model`` in place; at the end it holds the best-validation weights.
+
+    Datasets yield ``(image (C,H,W) float, mask (1,H,W) float {0,1})``. Without a validation set
+    the final weights are kept. ``state_dir``: if it holds a saved state, training resumes from it;
+    the state is rewritten every ``state_every`` steps and at the end.
+    """
+    cfg = config
+    dev = resolve_device(device)
+    rank, world = _dist()
+    seed_everything(cfg.seed + rank)
+    model.to(dev).train()
+    if cfg.trainable == "decoder":
+        train_params = decoder_parameters(model)
+        keep = {id(p) for p in train_params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+    elif cfg.trainable == "all":
+        train_params = [p for p in model.parameters()]
+        for p in train_params:
+            p.requires_grad_(True)
+    else:
+        raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.Adam(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(train_set) > cfg.batch_size * world, num_workers=cfg.num_workers,
+                        generator=gen, pin_memory=dev.type == "cuda")
+    steps_per_epoch = max(1, len(loader))
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    val_every = cfg.val_every or steps_per_epoch
+    sched = None
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    use_amp = cfg.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best_dice, best_step, step, checks_since_best = -1.0, 0, 0, 0
+    history: list[dict[str, float]] = []
+    sdir = Path(state_dir) if state_dir else None
+    if sdir is not None and (sdir / "state.json").is_file():
+        best_state, meta = _load_state(sdir, model, opt)
+        best_dice, best_step, step = meta["best_dice"], meta["best_step"], meta["step"]
+        checks_since_best, history = meta["checks_since_best"], meta["history"]
+        if sched is not None:
+            sched.last_epoch = step
+    t0 = time.perf_counter()
+    cancelled = stopped_early = False
+
+    def report(p: Progress) -> None:
+        if on_progress is not None and rank == 0:
+            on_progress(p)
+
+    def checkpoint_state() -> None:
+        if sdir is not None and rank == 0:
+            _save_state(sdir, model, opt, best_state, dict(
+                step=step, best_dice=best_dice, best_step=best_step, checks_since_best=checks_since_best,
+                history=history, config=asdict(cfg)))
+
+    running = []
+    while step < total and not (cancelled or stopped_early):
+        epoch = step // steps_per_epoch
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        gen.manual_seed(cfg.seed * 100003 + epoch)  # the same order after a resume
+        skip = step % steps_per_epoch
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue
+            if should_stop is not None and should_stop():
+                cancelled = True
+                break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                logits = net(x)
+            loss = dice_bce_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            if sched is not None:
+                sched.step()
+            step += 1
+            running.append(float(loss.detach()))
+            report(Progress("step", step, total, epoch, loss=running[-1], best_val_dice=best_dice,
+                            seconds=time.perf_counter() - t0))
+            if step % val_every == 0 or step == total:
+                mean_loss = float(np.mean(running))
+                running.clear()
+                if val_set is not None and len(val_set):
+                    vd = evaluate_dice(model, val_set, cfg.batch_size, dev, cfg.val_flip_tta) if rank == 0 else 0.0
+                    if world > 1:  # every rank must take the same early-stopping decision
+                        t = torch.tensor([vd], device=dev if dev.type == "cuda" else "cpu")
+                        torch.distributed.broadcast(t, 0)
+                        vd = float(t)
+                else:
+                    vd = math.nan
+                improved = val_set is None or not len(val_set) or vd > best_dice
+                if improved:
+                    best_dice, best_step, checks_since_best = (vd if not math.isnan(vd) else best_dice), step, 0
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                else:
+                    checks_since_best += 1
+                history.append({"step": step, "epoch": epoch, "loss": mean_loss, "val_dice": vd,
+                                "seconds": time.perf_counter() - t0})
+                report(Progress("val", step, total, epoch, loss=mean_loss, val_dice=vd, best_val_dice=best_dice,
+                                seconds=time.perf_counter() - t0))
+                if cfg.patience is not None and checks_since_best >= cfg.patience:
+                    stopped_early = True
+            if step % state_every == 0:
+                checkpoint_state()
+            if step >= total or stopped_early:
+                break
+    checkpoint_state()
+    model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - t0
+    report(Progress("done", step, total, step // steps_per_epoch, best_val_dice=best_dice, seconds=seconds))
+    return FitResult(best_dice, best_step, step, cancelled, stopped_early, seconds, history)

@@ -1,0 +1,91 @@
+"""The shared training loop: loss falls, cancel, resume, decoder-only, best weights kept."""
+
+import math
+
+import torch
+from torch.utils.data import TensorDataset
+
+from napari_sdunet.models import create_model
+from napari_sdunet.train_loop import FitConfig, decoder_parameters, fit
+
+
+def _blobs(n=12, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    xs, ys = [], []
+    for _ in range(n):
+        cy, cx = torch.randint(8, size - 8, (2,), generator=g)
+        r = torch.randint(3, 7, (1,), generator=g)
+        m = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r**2).float()
+        img = 0.3 * torch.rand(3, size, size, generator=g) + 0.6 * m
+        xs.append(img)
+        ys.append(m[None])
+    return TensorDataset(torch.stack(xs), torch.stack(ys))
+
+
+def _small_unet():
+    return create_model("unet", task="nuclei", base_filters=8, depth=2)
+
+
+def test_loss_falls_and_best_weights_kept():
+    data = _blobs()
+    seen = []
+    res = fit(_small_unet(), data, _blobs(6, seed=1), FitConfig(epochs=40, lr=5e-3, batch_size=4, patience=None),
+              device="cpu", on_progress=seen.append)
+    losses = [p.loss for p in seen if p.kind == "val"]
+    assert losses[-1] < 0.7 * losses[0]
+    assert res.best_val_dice > 0.5 and res.steps == 120 and not res.cancelled
+    assert seen[-1].kind == "done"
+
+
+def test_cancel_stops_promptly():
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    res = fit(_small_unet(), _blobs(), None, FitConfig(epochs=50, batch_size=4), device="cpu", should_stop=stop)
+    assert res.cancelled and res.steps == 3
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    cfg = FitConfig(epochs=4, lr=1e-3, batch_size=4, patience=None, seed=3)
+    full = _small_unet()
+    torch.manual_seed(0)
+    full.load_state_dict(_small_unet().state_dict())
+    init = {k: v.clone() for k, v in full.state_dict().items()}
+    fit(full, _blobs(), None, cfg, device="cpu")
+
+    part = _small_unet()
+    part.load_state_dict(init)
+    calls = {"n": 0}
+
+    def stop_after_5():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    r1 = fit(part, _blobs(), None, cfg, device="cpu", should_stop=stop_after_5, state_dir=tmp_path / "s")
+    assert r1.cancelled and r1.steps == 5
+    resumed = _small_unet()
+    r2 = fit(resumed, _blobs(), None, cfg, device="cpu", state_dir=tmp_path / "s")
+    assert r2.steps == 12
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_only_freezes_encoder():
+    m = _small_unet()
+    enc_before = {k: v.clone() for k, v in m.named_parameters() if k.startswith(("inc", "downs"))}
+    fit(m, _blobs(), None, FitConfig(epochs=1, batch_size=4, trainable="decoder"), device="cpu")
+    for k, v in m.named_parameters():
+        if k in enc_before:
+            assert torch.equal(v, enc_before[k])
+    pp = create_model("unetpp", task="nuclei", base_filters=4)
+    names = {n for n, p in pp.named_parameters() if any(p is q for q in decoder_parameters(pp))}
+    assert any(n.startswith("nodes.x0_3") for n in names) and not any(n.startswith("nodes.x1_0") for n in names)
+
+
+def test_no_validation_set_keeps_final_weights():
+    res = fit(_small_unet(), _blobs(), None, FitConfig(epochs=1, batch_size=4), device="cpu")
+    assert math.isnan(res.history[-1]["val_dice"])
