@@ -1,0 +1,307 @@
+"""Run a segmentation model on images, stacks of slices and video frames (pure numpy/torch, no Qt).
+
+Used by the napari widgets and by ``napari-sdunet predict`` / ``evaluate``. The model's config.json
+says how to prepare the input (size, channels, intensity scaling or CT window, see
+:mod:`napari_sdunet.preprocess`); frames are resized to the model's input size, run in batches
+and the probabilities resized back, so any image size works. Work is split into batches so that a
+caller can show progress and cancel between them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .preprocess import InputError
+
+if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
+    import torch
+
+#: Axes orders the engine accepts. Y, X are the image plane, C colour; Z (slices) and T (frames)
+#: are both run slice by slice.
+AXES = ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+MODALITIES = ("microscopy", "colonoscopy", "ct")
+#: CT window used when the model's config has none and the user picks the CT preset (liver window).
+DEFAULT_CT_WINDOW = (-40.0, 160.0)
+
+
+class Cancelled(Exception):
+    """The caller asked to stop (``should_stop`` returned True)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the config that says how to feed it."""
+
+    model: torch.nn.Module
+    config: dict[str, Any]
+    folder: Path
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.config.get("preprocessing") or {})
+
+    @property
+    def in_channels(self) -> int:
+        return int(getattr(self.model, "in_channels", self.preprocessing.get("channels", 3)))
+
+
+# ----------------------------------------------------------------------------- device and models
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available, then mps, then cpu; an explicit device must be available."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_ok else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no CUDA GPU is available to this torch build; pick cpu or auto")
+    if name == "mps" and not mps_ok:
+        raise ValueError("MPS (Apple GPU) was requested but is not available; pick cpu or auto")
+    return torch.device(name)
+
+
+def available_devices() -> list[str]:
+    """Devices this machine can use, ``auto`` first (for a device combo)."""
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+_CACHE: dict[tuple[str, str], tuple[tuple[float, int], LoadedModel]] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 3
+
+
+def _weights_stamp(folder: Path) -> tuple[float, int]:
+    """mtime and size of the folder's files, so a re-saved (fine-tuned) model is reloaded."""
+    stamp_t, stamp_n = 0.0, 0
+    for f in folder.iterdir():
+        if f.is_file():
+            st = f.stat()
+            stamp_t = max(stamp_t, st.st_mtime)
+            stamp_n += st.st_size
+    return stamp_t, stamp_n
+
+
+def load_model(name_or_folder: str | os.PathLike, device: str = "auto") -> LoadedModel:
+    """Load a shipped/user model by name, or a checkpoint folder, on ``device``; cached in memory.
+
+    The cache is keyed by folder and device and checks the files' mtime/size, so a model that was
+    overwritten by fine-tuning is loaded again. Raises :class:`~napari_sdunet.CheckpointError`.
+    """
+    from .checkpoint import load_checkpoint
+    from .zoo import resolve_model
+
+    dev = pick_device(device)
+    folder = resolve_model(name_or_folder).resolve()
+    key = (str(folder), str(dev))
+    stamp = _weights_stamp(folder)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+    model, config = load_checkpoint(folder, device=dev)
+    loaded = LoadedModel(model=model, config=config, folder=folder, device=dev)
+    with _CACHE_LOCK:
+        _CACHE[key] = (stamp, loaded)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+    return loaded
+
+
+def clear_cache() -> None:
+    """Forget every loaded model (frees their memory)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def effective_preprocessing(config: dict[str, Any], modality: str | None = None,
+                            ct_window: Sequence[float] | None = None) -> dict[str, Any]:
+    """The model's preprocessing, with the user's modality preset and CT window applied.
+
+    ``modality='ct'`` windows HU values (``ct_window``, else the model's, else the liver window);
+    microscopy / colonoscopy scale intensities by dtype or percentiles and never window.
+    """
+    prep = dict(config.get("preprocessing") or {})
+    if modality is not None:
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
+        if modality == "ct":
+            prep["ct_window"] = list(ct_window or prep.get("ct_window") or DEFAULT_CT_WINDOW)
+        else:
+            prep["ct_window"] = None
+        prep["modality"] = modality
+    elif ct_window is not None:
+        prep["ct_window"] = list(ct_window)
+    window = prep.get("ct_window")
+    if window:
+        lo, hi = float(window[0]), float(window[1])
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise InputError(f"CT window must be two finite numbers lo < hi, got {window}")
+    return prep
+
+
+# ----------------------------------------------------------------------------- axes
+
+def default_axes(shape: Sequence[int], rgb: bool = False) -> str:
+    """The axes order the widget proposes for a layer (shown to the user, who may change it)."""
+    nd = len(shape)
+    if rgb or (nd in (3, 4) and shape[-1] in (3, 4) and shape[-2] > 4):
+        if nd == 3:
+            return "YXC"
+        if nd == 4:
+            return "TYXC"
+    return {2: "YX", 3: "ZYX", 4: "TYXC"}.get(nd, "")
+
+
+def frames_of(data: np.ndarray, axes: str) -> tuple[np.ndarray, bool]:
+    """View ``data`` with ``axes`` as frames (N, Y, X[, C]) and say whether it has a colour axis."""
+    axes = axes.upper()
+    if axes not in AXES:
+        raise InputError(f"unsupported axes {axes!r}; choose from {', '.join(AXES)}")
+    if np.ndim(data) != len(axes):
+        raise InputError(f"the layer has {np.ndim(data)} dimensions, shape {tuple(np.shape(data))}, "
+                         f"but axes {axes} need {len(axes)}")
+    has_c = axes.endswith("C")
+    if has_c and np.shape(data)[-1] not in (1, 2, 3, 4):
+        raise InputError(f"axes {axes} put colour last, but the last axis has {np.shape(data)[-1]} "
+                         "entries (expected 1, 3 or 4); pick other axes")
+    if axes in ("YX", "YXC"):
+        data = np.asarray(data)[None]
+    return data, has_c
+
+
+def spatial_shape(shape: Sequence[int], axes: str) -> tuple[int, ...]:
+    """The shape of the mask for an input of ``shape`` with ``axes`` (the colour axis dropped)."""
+    return tuple(int(s) for s, a in zip(shape, axes.upper()) if a != "C")
+
+
+def check_frames(frames: np.ndarray, has_c: bool) -> None:
+    """Reject what cannot be segmented (empty, NaN, odd dtype) before any work starts."""
+    if np.size(frames) == 0 or 0 in np.shape(frames):
+        raise InputError(f"the image is empty (shape {tuple(np.shape(frames))})")
+    dtype = np.asarray(frames[:1]).dtype
+    if dtype.kind not in "biuf":
+        raise InputError(f"unsupported pixel type {dtype}")
+    if dtype.kind == "f":
+        arr = np.asarray(frames)
+        if not np.isfinite(arr).all():
+            raise InputError("the image contains NaN or infinite values; replace them before segmenting")
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def _prepare_batch(frames: np.ndarray, has_c: bool, prep: dict[str, Any]) -> torch.Tensor:
+    import torch
+
+    from .preprocess import to_model_input
+
+    return torch.stack([to_model_input(np.asarray(f), prep, channel_axis=has_c) for f in frames])
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Sigmoid probabilities (N, 1, h, w); with ``tta`` the mean over identity, h-, v- and hv-flips."""
+    import torch
+
+    logits = model(x)[:, :1]
+    if not tta:
+        return torch.sigmoid(logits)
+    prob = torch.sigmoid(logits)
+    for dims in ((-1,), (-2,), (-2, -1)):
+        prob = prob + torch.sigmoid(model(torch.flip(x, dims))[:, :1]).flip(dims)
+    return prob / 4
+
+
+def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
+                 modality: str | None = None, ct_window: Sequence[float] | None = None,
+                 tta: bool = False) -> Generator[tuple[int, int], None, np.ndarray]:
+    """Generator: yields ``(frames_done, n_frames)`` after each batch and returns probabilities.
+
+    ``data`` is one image or stack laid out as ``axes``; the result is float32 in [0, 1] with the
+    spatial shape (the colour axis dropped). Stopping the generator between yields cancels the run.
+    """
+    import torch
+
+    from .preprocess import to_image_frame
+
+    frames, has_c = frames_of(data, axes)
+    check_frames(frames, has_c)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    prep = effective_preprocessing(loaded.config, modality, ct_window)
+    prep["channels"] = loaded.in_channels
+    n, hw = frames.shape[0], tuple(frames.shape[1:3])
+    out = np.empty((n, *hw), dtype=np.float32)
+    yield 0, n
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
+            prob = _forward(loaded.model, x, tta)
+            out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
+            yield stop, n
+    return out.reshape(spatial_shape(np.shape(data), axes))
+
+
+def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
+            modality: str | None = None, ct_window: Sequence[float] | None = None, tta: bool = False,
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> np.ndarray:
+    """Probabilities for ``data`` (see :func:`iter_predict`), with a progress callback and cancel.
+
+    Raises :class:`Cancelled` when ``should_stop()`` turns True (checked between batches).
+    """
+    gen = iter_predict(loaded, data, axes, batch_size=batch_size, modality=modality,
+                       ct_window=ct_window, tta=tta)
+    try:
+        while True:
+            done, total = next(gen)
+            if progress is not None:
+                progress(done, total)
+            if should_stop is not None and should_stop() and done < total:
+                gen.close()
+                raise Cancelled(f"cancelled after {done} of {total} frames")
+    except StopIteration as stop:
+        return stop.value
+
+
+def to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Binary mask (uint8 0/1) of probabilities >= ``threshold``."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+    return (np.asarray(prob) >= threshold).astype(np.uint8)
+
+
+def segment(model: str | os.PathLike | LoadedModel, data: np.ndarray, axes: str | None = None, *,
+            threshold: float = 0.5, device: str = "auto", **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One call for scripts: ``(mask, probabilities)`` of ``data`` (axes guessed only if not given)."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    axes = axes or default_axes(np.shape(data))
+    prob = predict(loaded, data, axes, **kwargs)
+    return to_labels(prob, threshold), prob

@@ -1,0 +1,272 @@
+"""Read and write images and masks: PNG/JPEG/TIFF and NIfTI (affine and header kept), atomically.
+
+NIfTI arrays are stored (x, y, z[, t]); we hand them out in napari/numpy order (z, y, x) (all axes
+reversed), so ``volume[k]`` is axial slice k displayed like ``nifti[:, :, k].T``. Writing reverses
+the axes again and reuses the source affine and header, so a mask lines up with its scan in any
+viewer. Every write goes to a temporary file in the target folder and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_EXTS = (".nii", ".nii.gz")
+ALL_EXTS = IMAGE_EXTS + NIFTI_EXTS
+
+
+@dataclass
+class Volume:
+    """An array in numpy order with what is needed to write a result back in the same space."""
+
+    data: np.ndarray
+    axes: str  # e.g. "YX", "YXC", "ZYX"
+    affine: np.ndarray | None = None  # 4x4 NIfTI voxel->world (x, y, z order), None for 2-D files
+    header: bytes | None = None  # NIfTI-1/2 header block, for writing back
+    spacing: tuple[float, ...] | None = None  # per numpy axis (no colour axis), mm
+    origin: tuple[float, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def suffix(path: str | os.PathLike) -> str:
+    """Lower-case extension, with ``.nii.gz`` as one."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem(path: str | os.PathLike) -> str:
+    """File name without its extension (``.nii.gz`` counts as one extension)."""
+    name = Path(path).name
+    sfx = suffix(path)
+    return name[: len(name) - len(sfx)] if sfx else name
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return suffix(path) in NIFTI_EXTS
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_image(path: str | os.PathLike) -> Volume:
+    """Read a PNG/JPEG/TIFF/BMP image or a NIfTI volume."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    sfx = suffix(path)
+    if sfx in NIFTI_EXTS:
+        return read_nifti(path)
+    if sfx in (".tif", ".tiff"):
+        return _read_tiff(path)
+    if sfx in IMAGE_EXTS:
+        return _read_pillow(path)
+    raise ValueError(f"{path}: unsupported file type {sfx!r}; expected one of {', '.join(ALL_EXTS)}")
+
+
+def _read_pillow(path: Path) -> Volume:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("I;16", "I;16B", "I;16L"):
+                arr = np.asarray(im).astype(np.uint16)
+                return Volume(arr, "YX")
+            elif im.mode == "CMYK":
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e})") from None
+    return Volume(arr, "YXC" if arr.ndim == 3 else "YX")
+
+
+def _read_tiff(path: Path) -> Volume:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr = series.asarray()
+            axes = series.axes.upper()
+    except (tifffile.TiffFileError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: cannot read the TIFF ({e})") from None
+    axes = _napari_axes(arr, axes)
+    return Volume(arr, axes)
+
+
+def _napari_axes(arr: np.ndarray, tiff_axes: str) -> str:
+    """Map tifffile's axes (Q/I/S/Z/T/Y/X/C...) to ours, dropping singleton extras."""
+    tiff_axes = tiff_axes.replace("S", "C").replace("I", "Z").replace("Q", "Z")
+    if len(tiff_axes) != arr.ndim:
+        return {2: "YX", 3: "ZYX"}.get(arr.ndim, "")
+    if tiff_axes in ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC"):
+        return tiff_axes
+    return {2: "YX", 3: "YXC" if arr.shape[-1] in (3, 4) else "ZYX", 4: "TYXC"}.get(arr.ndim, "")
+
+
+def read_nifti(path: str | os.PathLike) -> Volume:
+    """Read a NIfTI file as numpy order (all axes reversed) keeping its affine and header."""
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        raw = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise ValueError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e})") from None
+    if raw.ndim > 4:
+        raw = raw.reshape(raw.shape[:4])
+    data = np.ascontiguousarray(raw.T)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: raw.ndim])
+    affine = np.asarray(img.affine, dtype=float)
+    spacing = tuple(reversed([abs(z) if z else 1.0 for z in zooms]))
+    origin = tuple(reversed([float(v) for v in affine[: min(3, raw.ndim), 3]]))
+    if len(origin) < len(spacing):
+        origin = (0.0,) * (len(spacing) - len(origin)) + origin
+    axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(raw.ndim, "")
+    return Volume(data, axes, affine=affine, header=bytes(img.header.binaryblock),
+                  spacing=spacing, origin=origin)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A reference mask as a boolean array (any non-zero value is foreground; colour -> any channel)."""
+    vol = read_image(path)
+    arr = vol.data
+    if vol.axes.endswith("C"):
+        arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
+    return np.asarray(arr) > 0
+
+
+# ----------------------------------------------------------------------------- writing
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same extension); rename it into place on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix(path)}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _mask_dtype(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind in "iu":
+        top = int(arr.max()) if arr.size else 0
+        if int(arr.min()) < 0:
+            raise ValueError("label images must not hold negative values")
+        return arr.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    raise ValueError(f"cannot write pixel type {arr.dtype}")
+
+
+def write_nifti(path: str | os.PathLike, data: np.ndarray, *, affine: np.ndarray | None = None,
+                header: bytes | None = None, spacing: tuple[float, ...] | None = None,
+                origin: tuple[float, ...] | None = None) -> Path:
+    """Write numpy-order ``data`` as NIfTI, reusing a source ``affine``/``header`` when given.
+
+    Without an affine one is built from ``spacing``/``origin`` (numpy order; identity otherwise).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    arr = _mask_dtype(data)
+    raw = np.asarray(arr).T
+    if affine is None:
+        affine = np.eye(4)
+        nd = min(3, raw.ndim)
+        if spacing is not None:
+            sp = list(reversed(spacing))[:nd]
+            affine[range(len(sp)), range(len(sp))] = sp
+        if origin is not None:
+            org = list(reversed(origin))[:nd]
+            affine[: len(org), 3] = org
+    affine = np.asarray(affine, dtype=float)
+    hdr = None
+    if header is not None:
+        try:
+            hdr = nib.Nifti1Header(binaryblock=header) if len(header) == 348 else None
+        except Exception:  # a header we cannot parse is dropped, the affine still positions the mask
+            hdr = None
+    img = nib.Nifti1Image(raw, affine, header=hdr)
+    img.header.set_data_dtype(raw.dtype)
+    img.header.set_slope_inter(1, 0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    if hdr is not None:
+        img.header.set_qform(affine, code=int(hdr["qform_code"]) or 1)
+        img.header.set_sform(affine, code=int(hdr["sform_code"]) or 1)
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        path = path.with_name(path.name + ".nii.gz")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_image(path: str | os.PathLike, data: np.ndarray, *, compress: bool = True) -> Path:
+    """Write a 2-D image/mask as PNG/TIFF/JPEG (by extension), or any-D array as TIFF."""
+    path = Path(path)
+    sfx = suffix(path)
+    arr = np.asarray(data)
+    if sfx in (".tif", ".tiff"):
+        import tifffile
+
+        arr = _mask_dtype(arr) if arr.dtype == bool or arr.dtype.kind in "iu" else arr
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None)
+        return path
+    if sfx in (".png", ".jpg", ".jpeg", ".bmp"):
+        from PIL import Image
+
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"{sfx} holds one 2-D image; got shape {arr.shape} (write .tif or .nii.gz)")
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype.kind in "iu" and arr.dtype != np.uint8:
+            arr = arr.astype(np.uint16 if arr.max() > 255 and arr.ndim == 2 and sfx == ".png" else np.uint8)
+        elif arr.dtype.kind == "f":
+            arr = np.clip(arr * 255.0, 0, 255).astype(np.uint8)
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG"}.get(sfx, sfx[1:].upper()))
+        return path
+    if sfx in NIFTI_EXTS:
+        return write_nifti(path, arr)
+    raise ValueError(f"{path}: unsupported output type {sfx!r}")
+
+
+def write_mask_like(path: str | os.PathLike, mask: np.ndarray, source: Volume) -> Path:
+    """Write a mask in the source's space: NIfTI with the source affine/header, else PNG/TIFF."""
+    if is_nifti(path):
+        return write_nifti(path, mask, affine=source.affine, header=source.header,
+                           spacing=source.spacing, origin=source.origin)
+    mask = np.asarray(mask)
+    if mask.dtype == bool or (mask.dtype.kind in "iu" and mask.size and mask.max() <= 1 and suffix(path) == ".png"):
+        mask = (mask > 0).astype(np.uint8) * 255  # a viewable 0/255 PNG, as the data sets store masks
+    return write_image(path, mask)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image and NIfTI files of a folder, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and suffix(p) in ALL_EXTS)
