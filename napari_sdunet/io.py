@@ -230,8 +230,10 @@ def write_image(path: str | os.PathLike, data: np.ndarray, *, compress: bool = T
         import tifffile
 
         arr = _mask_dtype(arr) if arr.dtype == bool or arr.dtype.kind in "iu" else arr
+        rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8
         with atomic_path(path) as tmp:
-            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None)
+            tifffile.imwrite(tmp, arr, compression="zlib" if compress else None,
+                             photometric="rgb" if rgb else "minisblack")
         return path
     if sfx in (".png", ".jpg", ".jpeg", ".bmp"):
         from PIL import Image

@@ -1,0 +1,183 @@
+"""The "Compare" widget: TP / FP / FN overlay and Dice, Jaccard, precision, recall per slice and overall.
+
+Colours follow Figure 1 of the paper: true positives white, false positives red, false negatives
+blue. Any non-zero label counts as foreground (instance labels are fine). The overlay is a Labels
+layer the widget owns; the user's layers are only read. Metrics are recomputed when either layer
+is edited (data and paint events, debounced).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import CheckBox, Container, Label, PushButton, Table
+
+from ._common import LayerCombo, layers_of, notify_error
+
+#: overlay values and colours (RGBA): 1 TP white, 2 FP red, 3 FN blue.
+TP, FP, FN = 1, 2, 3
+COLORS = {TP: (1.0, 1.0, 1.0, 1.0), FP: (1.0, 0.0, 0.0, 1.0), FN: (0.0, 0.3, 1.0, 1.0)}
+COLUMNS = ["dice", "jaccard", "precision", "recall", "TP", "FP", "FN"]
+
+
+def overlay_codes(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """uint8 map: 0 TN, 1 TP, 2 FP, 3 FN (non-zero = foreground in both inputs)."""
+    p = np.asarray(pred) != 0
+    r = np.asarray(ref) != 0
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    out = np.zeros(p.shape, dtype=np.uint8)
+    out[p & r] = TP
+    out[p & ~r] = FP
+    out[~p & r] = FN
+    return out
+
+
+def metric_rows(pred: np.ndarray, ref: np.ndarray) -> tuple[list[str], list[list[Any]], int]:
+    """Table rows: one per slice/frame with foreground in either mask (3-D+), then 'overall'.
+
+    Returns ``(index, rows, n_empty)`` where ``n_empty`` counts slices empty in both (left out).
+    """
+    from ..metrics import scores
+
+    p = np.asarray(pred) != 0
+    r = np.asarray(ref) != 0
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+
+    def row(tp: int, fp: int, fn: int) -> list[Any]:
+        s = scores(tp, fp, fn)
+        return [round(s[k], 4) for k in COLUMNS[:4]] + [tp, fp, fn]
+
+    index: list[str] = []
+    rows: list[list[Any]] = []
+    n_empty = 0
+    if p.ndim >= 3:
+        flat_p = p.reshape(p.shape[0], -1)
+        flat_r = r.reshape(r.shape[0], -1)
+        tps = np.count_nonzero(flat_p & flat_r, axis=1)
+        fps = np.count_nonzero(flat_p & ~flat_r, axis=1)
+        fns = np.count_nonzero(~flat_p & flat_r, axis=1)
+        for k, (tp, fp, fn) in enumerate(zip(tps, fps, fns)):
+            if tp + fp + fn == 0:
+                n_empty += 1
+                continue
+            index.append(f"slice {k}")
+            rows.append(row(int(tp), int(fp), int(fn)))
+        total = (int(tps.sum()), int(fps.sum()), int(fns.sum()))
+    else:
+        total = (int(np.count_nonzero(p & r)), int(np.count_nonzero(p & ~r)), int(np.count_nonzero(~p & r)))
+    index.append("overall")
+    rows.append(row(*total))
+    return index, rows, n_empty
+
+
+class CompareWidget(Container):
+    """Plugins > napari-sdunet > Compare."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.viewer = viewer
+        self.reference = LayerCombo(viewer, "labels", "reference")
+        self.prediction = LayerCombo(viewer, "labels", "prediction")
+        self.live = CheckBox(text="update on edits", value=True)
+        self.button = PushButton(text="Compare")
+        self.summary = Label(label="", value="pick a reference and a prediction")
+        self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
+        self.table.read_only = True
+        super().__init__(widgets=[self.reference, self.prediction, self.live, self.button, self.summary,
+                                  self.table], labels=True)
+        self.overlay: Any = None
+        self._watched: list[Any] = []
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(150)
+        self._timer.timeout.connect(self.update)
+        self.button.changed.connect(self.compare)
+        self.reference.changed.connect(self._rewatch)
+        self.prediction.changed.connect(self._rewatch)
+        viewer.layers.events.removed.connect(self._layer_removed)
+        viewer.layers.events.inserted.connect(self._default_choice)
+        self._default_choice()
+
+    def _default_choice(self, _event: Any = None) -> None:
+        """Propose a prediction different from the reference when there are two Labels layers."""
+        labels = [layer for _, layer in layers_of(self.viewer, "labels") if layer is not self.overlay]
+        if len(labels) >= 2 and self.reference.value is self.prediction.value:
+            self.reference.value = labels[-1]  # oldest: usually the loaded ground truth
+            self.prediction.value = labels[0]  # newest: usually the model's mask
+
+    # ---------------------------------------------------------------- wiring edits
+    def _rewatch(self, _event: Any = None) -> None:
+        for layer in self._watched:
+            for ev in (layer.events.data, layer.events.paint, layer.events.labels_update):
+                try:
+                    ev.disconnect(self._schedule)
+                except (TypeError, RuntimeError, ValueError):
+                    pass
+        self._watched = []
+        for layer in (self.reference.value, self.prediction.value):
+            if layer is not None and layer is not self.overlay and layer not in self._watched:
+                layer.events.data.connect(self._schedule)
+                layer.events.paint.connect(self._schedule)
+                layer.events.labels_update.connect(self._schedule)
+                self._watched.append(layer)
+
+    def _schedule(self, _event: Any = None) -> None:
+        if self.live.value and self.overlay is not None:
+            self._timer.start()
+
+    def _layer_removed(self, event: Any) -> None:
+        if event.value is self.overlay:
+            self.overlay = None
+
+    # ---------------------------------------------------------------- computing
+    def compare(self, _event: Any = None) -> bool:
+        """Build (or refresh) the overlay and the table; False (with a notification) if impossible."""
+        ref, pred = self.reference.value, self.prediction.value
+        if ref is None or pred is None:
+            notify_error("Compare: choose a reference and a prediction Labels layer")
+            return False
+        if ref is pred:
+            notify_error("Compare: the reference and the prediction are the same layer")
+            return False
+        if np.shape(ref.data) != np.shape(pred.data):
+            notify_error(f"Compare: shapes differ: {ref.name} {tuple(np.shape(ref.data))} vs "
+                         f"{pred.name} {tuple(np.shape(pred.data))}")
+            return False
+        self._rewatch()
+        return self.update()
+
+    def update(self, _event: Any = None) -> bool:
+        """Recompute overlay and metrics from the current layer data."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        ref, pred = self.reference.value, self.prediction.value
+        if ref is None or pred is None or ref is pred:
+            return False
+        try:
+            codes = overlay_codes(pred.data, ref.data)
+            index, rows, n_empty = metric_rows(pred.data, ref.data)
+        except ValueError as e:
+            notify_error(f"Compare: {e}")
+            return False
+        if self.overlay is None or self.overlay not in self.viewer.layers:
+            cmap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), **COLORS})
+            self.overlay = self.viewer.add_labels(
+                codes, name=f"TP/FP/FN [{pred.name} vs {ref.name}]", colormap=cmap, opacity=0.7,
+                scale=ref.scale, translate=ref.translate, axis_labels=getattr(ref, "axis_labels", None))
+            self.overlay.editable = False
+            self._rewatch()
+        else:
+            self.overlay.data = codes
+            self.overlay.name = f"TP/FP/FN [{pred.name} vs {ref.name}]"
+        self.table.value = {"data": rows, "index": index, "columns": COLUMNS}
+        overall = dict(zip(COLUMNS, rows[-1]))
+        self.summary.value = (f"Dice {overall['dice']:.4f}  Jaccard {overall['jaccard']:.4f}  "
+                              f"precision {overall['precision']:.4f}  recall {overall['recall']:.4f}"
+                              + (f"  ({n_empty} slice(s) empty in both not listed)" if n_empty else ""))
+        self.metrics = overall
+        return True
