@@ -110,7 +110,8 @@ def _load_optional_impls() -> None:
     _optional_loaded = True
     import importlib
 
-    for mod in ("napari_sdunet.models.sweep_fast",):
+    for mod in ("napari_sdunet.models.sweep_fast", "napari_sdunet.models.sweep_naive",
+                "napari_sdunet.models.sweep_triton"):
         try:
             importlib.import_module(mod)
         except ImportError:

@@ -1,0 +1,168 @@
+"""Fast SDN sweep: a custom autograd Function with whole-line GEMMs and a hand-written backward.
+
+Same math as :func:`napari_sdunet.models.sweep.sweep_loop` (spec §1.2), organised for throughput:
+
+* the prior term ``c = W_h h + b_h`` is not recurrent, so it is one GEMM over all lines (forward) and
+  its gradients are one GEMM each after the backward loop;
+* the output lives in a zero-padded buffer ``(T, B, L+2, S)``, so the 3-tap input of a step is a
+  strided window of the previous line (no padding/concatenation per step) and the dW_in GEMM can run
+  over all steps at once, one GEMM per tap;
+* every per-step tensor is a preallocated buffer written with ``out=`` (no allocation in the loop:
+  large allocations page-fault on every step on CPU);
+* backward is a reversed loop holding one GEMM per step (gradient to the previous line through
+  W_in^T, padded rows so the batch is one matrix) plus fused-by-hand gate derivatives; autograd
+  keeps no per-step graph.
+
+It is device-agnostic torch code (CPU first; on CUDA it is still launch-bound, see sweep_triton).
+Registered as "fast" at the head of ``AUTO_ORDER`` for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sweep import register_sweep
+
+
+def _taps(line_pad: torch.Tensor, L: int) -> torch.Tensor:
+    """View (B, L, 3S) of the taps [i-1, i, i+1] of a zero-padded line (B, L+2, S), no copy."""
+    B, _, S = line_pad.shape
+    return line_pad.as_strided((B, L, 3 * S), ((L + 2) * S, S, 1), line_pad.storage_offset())
+
+
+def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor, b_h: torch.Tensor,
+             keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Run the sweep on contiguous lines ``x`` (T, B, L, S).
+
+    Returns the padded output (T, B, L+2, S) and, if ``keep``, the gates [r, z, n] (T-1, B, L, 3S)
+    and the prior term (T-1, B, L, 3S) that backward needs.
+    """
+    T, B, L, S = x.shape
+    out = x.new_zeros(T, B, L + 2, S)
+    out[0, :, 1:L + 1] = x[0]
+    if T == 1:
+        return out, None, None
+    S2, S3 = 2 * S, 3 * S
+    prior = torch.addmm(b_h, x[1:].reshape(-1, S), w_h.t()).view(T - 1, B, L, S3)
+    gates = x.new_empty(T - 1, B, L, S3) if keep else x.new_empty(1, B, L, S3)
+    u = x.new_empty(B, L, S3)
+    a = x.new_empty(B * L, S3)
+    tmp = x.new_empty(B, L, S)
+    w_in_t = w_in.t()
+    a3 = a.view(B, L, S3)
+    for t in range(1, T):
+        u.copy_(_taps(out[t - 1], L))
+        torch.addmm(b_in, u.view(B * L, S3), w_in_t, out=a)
+        g = gates[t - 1] if keep else gates[0]
+        c = prior[t - 1]
+        h = x[t]
+        rz, r, z, n = g[..., :S2], g[..., :S], g[..., S:S2], g[..., S2:]
+        torch.add(a3[..., :S2], c[..., :S2], out=rz)
+        rz.sigmoid_()
+        torch.mul(r, c[..., S2:], out=n)
+        n.add_(a3[..., S2:]).tanh_()
+        torch.sub(n, h, out=tmp)
+        tmp.mul_(z)
+        torch.add(h, tmp, out=out[t, :, 1:L + 1])  # s = h + z (n - h)
+    return out, (gates if keep else None), (prior if keep else None)
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torch.Tensor, out: torch.Tensor,
+              gates: torch.Tensor, prior: torch.Tensor, need: tuple[bool, ...]):
+    """Gradients (dx, dW_in, db_in, dW_h, db_h) of the sweep; ``need`` says which are wanted."""
+    T, B, L, S = x.shape
+    S2, S3 = 2 * S, 3 * S
+    dx = torch.empty_like(x)
+    # dA in padded rows (zeros at the line ends) so the batch is one matrix for the GEMMs
+    dapad = x.new_zeros(T - 1, B, L + 2, S3)
+    dc = x.new_empty(T - 1, B, L, S3)
+    dupad = x.new_empty(B * (L + 2), S3)
+    du3 = dupad.view(B, L + 2, S3)
+    carry = x.new_zeros(B, L, S)  # gradient reaching the previous line through the taps
+    g = x.new_empty(B, L, S)
+    t1 = x.new_empty(B, L, S)
+    t2 = x.new_empty(B, L, S)
+    for t in range(T - 1, 0, -1):
+        torch.add(grad[t], carry, out=g)
+        gt = gates[t - 1]
+        r, z, n = gt[..., :S], gt[..., S:S2], gt[..., S2:]
+        c_n = prior[t - 1][..., S2:]
+        h = x[t]
+        da = dapad[t - 1][:, 1:L + 1]
+        da_r, da_z, da_n = da[..., :S], da[..., S:S2], da[..., S2:]
+        dct = dc[t - 1]
+        torch.mul(g, z, out=t1)  # dn = g z
+        torch.sub(g, t1, out=dx[t])  # direct path: g (1 - z)
+        torch.mul(n, n, out=t2)
+        t2.mul_(t1)
+        torch.sub(t1, t2, out=da_n)  # dn (1 - n^2)
+        torch.sub(n, h, out=t1)
+        t1.mul_(g)  # dz = g (n - h)
+        torch.mul(z, z, out=t2)
+        torch.sub(z, t2, out=t2)
+        torch.mul(t1, t2, out=da_z)  # dz z (1 - z)
+        torch.mul(da_n, c_n, out=t1)  # dr
+        torch.mul(r, r, out=t2)
+        torch.sub(r, t2, out=t2)
+        torch.mul(t1, t2, out=da_r)  # dr r (1 - r)
+        dct[..., :S2].copy_(da[..., :S2])
+        torch.mul(da_n, r, out=dct[..., S2:])
+        # gradient to the previous line: dU = dA W_in, then tap k of row i lands on row i + k - 1
+        torch.mm(dapad[t - 1].view(B * (L + 2), S3), w_in, out=dupad)
+        torch.add(du3[:, 2:L + 2, :S], du3[:, 1:L + 1, S:S2], out=carry)
+        carry.add_(du3[:, 0:L, S2:])
+    torch.add(grad[0], carry, out=dx[0])
+    dc_flat = dc.view(-1, S3)
+    if need[0]:
+        dx[1:].view(-1, S).addmm_(dc_flat, w_h)
+    dw_in = db_in = dw_h = db_h = None
+    if need[1]:
+        da_flat = dapad.view(-1, S3)
+        o_flat = out[:T - 1].view(-1, S)
+        dw_in = torch.cat((da_flat[1:].t() @ o_flat[:-1], da_flat.t() @ o_flat, da_flat[:-1].t() @ o_flat[1:]), 1)
+    if need[2]:
+        db_in = dapad.view(-1, S3).sum(0)
+    if need[3]:
+        dw_h = dc_flat.t() @ x[1:].reshape(-1, S)
+    if need[4]:
+        db_h = dc_flat.sum(0)
+    return dx, dw_in, db_in, dw_h, db_h
+
+
+class FastSweep(torch.autograd.Function):
+    """Autograd Function for one lines-major sweep with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, lines, w_in, b_in, w_h, b_h):  # noqa: D102
+        x = lines.contiguous()
+        out, gates, prior = _forward(x, w_in, b_in, w_h, b_h, keep=True)
+        ctx.save_for_backward(x, w_in, w_h, out, gates, prior)
+        return out[:, :, 1:-1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x, w_in, w_h, out, gates, prior = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if x.shape[0] == 1:  # a single line: the sweep is the identity, the weights are unused
+            return grad, None, None, None, None
+        return _backward(grad.contiguous(), x, w_in, w_h, out, gates, prior, need)
+
+
+def sweep_fast(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
+               b_h: torch.Tensor) -> torch.Tensor:
+    """Fast lines-major sweep (T, B, L, S); same values and gradients as ``sweep_loop``."""
+    if lines.shape[0] == 0:
+        return lines.clone()
+    w_in, b_in, w_h, b_h = (w.to(lines.dtype) for w in (w_in, b_in, w_h, b_h))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, w_in, b_in, w_h, b_h)):
+        return FastSweep.apply(lines, w_in, b_in, w_h, b_h)
+    out, _, _ = _forward(lines.contiguous(), w_in, b_in, w_h, b_h, keep=False)
+    return out[:, :, 1:-1]
+
+
+def _cpu_float(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+register_sweep("fast", sweep_fast, priority=0, available=_cpu_float)

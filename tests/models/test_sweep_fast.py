@@ -1,0 +1,106 @@
+"""The fast CPU sweep and the naive benchmark baseline equal the cell-by-cell reference."""
+
+import pytest
+import torch
+
+from napari_sdunet.models.sdn import SDN, SDNCell
+from napari_sdunet.models.sdn_reference import sweep_reference
+from napari_sdunet.models.sweep import AUTO_ORDER, list_sweeps, pick_impl, sweep
+from napari_sdunet.models.sweep_naive import sweep_naive
+
+SHAPES = [(5, 5), (4, 7), (7, 3), (1, 6), (6, 1), (1, 1)]
+
+
+def _setup(S, hw, B=2, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cell = SDNCell(S).to(dtype)
+    x = torch.randn(B, S, *hw, dtype=dtype, requires_grad=True)
+    params = [cell.weight_in, cell.bias_in, cell.weight_prior, cell.bias_prior]
+    return x, params
+
+
+def _grads(y, g, inputs):
+    grads = torch.autograd.grad((y * g).sum(), inputs, allow_unused=True)
+    return [torch.zeros_like(i) if d is None else d for d, i in zip(grads, inputs)]
+
+
+def test_fast_is_registered_first_for_cpu():
+    assert "fast" in list_sweeps()
+    assert AUTO_ORDER[0] == "fast"
+    assert pick_impl(torch.zeros(1, 2, 3, 3)) == "fast"
+    assert pick_impl(torch.zeros(1, 2, 3, 3, dtype=torch.float16)) != "fast"
+
+
+@pytest.mark.parametrize("direction", [0, 1, 2, 3])
+@pytest.mark.parametrize("hw", SHAPES)
+@pytest.mark.parametrize("impl", ["fast", "naive"])
+def test_values_and_gradients_equal_reference(impl, direction, hw):
+    x, params = _setup(4, hw)
+    g = torch.randn(2, 4, *hw, dtype=torch.float64)
+    if impl == "naive":
+        y = sweep_naive(x, *params, direction)
+    else:
+        y = sweep(x, *params, direction, impl=impl)
+    want = sweep_reference(x, *params, direction)
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    for a, b in zip(_grads(y, g, [x, *params]), _grads(want, g, [x, *params])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("direction", [0, 1, 2, 3])
+def test_gradcheck_fast(direction):
+    x, params = _setup(3, (3, 4), B=1)
+    assert torch.autograd.gradcheck(lambda x, *p: sweep(x, *p, direction, impl="fast"), (x, *params))
+
+
+def test_fast_float32_matches_reference_at_paper_state():
+    # float32 at S=150 on a non-square map: the production configuration
+    x, params = _setup(150, (6, 9), B=3, dtype=torch.float32)
+    x = torch.tanh(x.detach()).requires_grad_()
+    g = torch.randn(3, 150, 6, 9)
+    for direction in (0, 2):
+        y = sweep(x, *params, direction, impl="fast")
+        want = sweep_reference(x, *params, direction)
+        torch.testing.assert_close(y, want, rtol=0, atol=2e-5)
+        for a, b in zip(_grads(y, g, [x, *params]), _grads(want, g, [x, *params])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_without_grad_matches_and_keeps_no_graph():
+    x, params = _setup(5, (4, 6))
+    with torch.no_grad():
+        y = sweep(x, *params, 2, impl="fast")
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, sweep_reference(x, *params, 2).detach(), rtol=0, atol=1e-12)
+
+
+def test_fast_gradient_of_input_only_and_weights_only():
+    x, params = _setup(4, (5, 4))
+    want = torch.autograd.grad(sweep_reference(x, *params, 1).sum(), [x, *params])
+    # input only (weights frozen)
+    frozen = [p.detach() for p in params]
+    (dx,) = torch.autograd.grad(sweep(x, *frozen, 1, impl="fast").sum(), [x])
+    torch.testing.assert_close(dx, want[0], rtol=0, atol=1e-11)
+    # weights only (input constant)
+    got = torch.autograd.grad(sweep(x.detach(), *params, 1, impl="fast").sum(), params)
+    for a, b in zip(got, want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_fast_retain_graph_backward_twice_is_stable():
+    x, params = _setup(4, (4, 5))
+    y = sweep(x, *params, 0, impl="fast").sum()
+    g1 = torch.autograd.grad(y, [x, *params], retain_graph=True)
+    g2 = torch.autograd.grad(y, [x, *params])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sdn_layer_auto_equals_loop():
+    torch.manual_seed(0)
+    layer = SDN(3, 2, state=6, directions=(0, 2, 1, 3)).double()
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    y_auto = layer(x)
+    layer.impl = "loop"
+    y_loop = layer(x)
+    torch.testing.assert_close(y_auto, y_loop, rtol=0, atol=1e-12)
