@@ -33,13 +33,13 @@ def pick_model(widget, wanted: str | None, sample: str) -> None:
         if path.is_dir():
             widget.models.add_folder(path)
         else:
-            refs = [ref for _, ref in widget.models.combo.choices]
+            refs = [ref for _, ref in widget.models.listed()]
             if wanted not in refs:
                 raise SystemExit(f"model {wanted!r} not found; available: {', '.join(refs) or 'none'}")
             widget.models.combo.value = wanted
         return
     task = {v: k for k, v in SAMPLE_FOR_TASK.items()}[sample]
-    for _, ref in widget.models.combo.choices:
+    for _, ref in widget.models.listed():
         if ref and Path(str(ref)).name.endswith(task):
             widget.models.combo.value = ref
             return

@@ -166,13 +166,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _mask_dtype(arr: np.ndarray) -> np.ndarray:
+    """The smallest unsigned type for labels; bool -> uint8; floats -> float32."""
     arr = np.asarray(arr)
     if arr.dtype == bool:
         return arr.astype(np.uint8)
     if arr.dtype.kind in "iu":
         top = int(arr.max()) if arr.size else 0
-        if int(arr.min()) < 0:
-            raise ValueError("label images must not hold negative values")
+        if arr.size and int(arr.min()) < 0:
+            return arr  # signed image data (e.g. CT in HU): keep the type
         return arr.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
     if arr.dtype.kind == "f":
         return arr.astype(np.float32)

@@ -49,7 +49,7 @@ class LayerCombo(ComboBox):
     def __init__(self, viewer: napari.Viewer, kind: str, label: str, **kwargs: Any) -> None:
         self._viewer = viewer
         self._kind = kind
-        super().__init__(label=label, choices=self._choices, nullable=True, **kwargs)
+        super().__init__(label=label, choices=self._choices, nullable=False, **kwargs)
         ev = viewer.layers.events
         for signal in (ev.inserted, ev.removed, ev.moved, ev.reordered):
             signal.connect(self._refresh)
@@ -101,6 +101,10 @@ class ModelPicker(Container):
             log.warning("cannot list models: %s", e)
             listed = []
         return listed + [c for c in self._extra if c not in listed]
+
+    def listed(self) -> list[tuple[str, str]]:
+        """(label, reference) of the models offered, in combo order."""
+        return self._choices()
 
     def refresh(self, _event: Any = None) -> None:
         """List the models again (e.g. after fine-tuning saved a new one)."""

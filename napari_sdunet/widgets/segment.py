@@ -136,6 +136,10 @@ class SegmentWidget(Container):
         self.ct_lo.enabled = self.ct_hi.enabled = on
 
     # ---------------------------------------------------------------- running
+    def progress_value(self) -> int:
+        """Frames done in the current run (for tests and scripts)."""
+        return int(self.runner.progress.value)
+
     def _validate(self) -> tuple[Any, str, str] | None:
         layer = self.image.value
         if layer is None:

@@ -1,0 +1,136 @@
+"""The Segment widget: every sample through a checkpoint, layer properties, cancel, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sdunet._sample_data import load_sample
+from napari_sdunet.widgets import SegmentWidget
+
+TASK = {"nuclei": "nuclei", "polyps": "polyps", "ct": "liver"}
+
+
+def _viewer_with(make_napari_viewer, sample):
+    viewer = make_napari_viewer()
+    for data, kwargs, kind in load_sample(sample):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    return viewer
+
+
+def _wait(qtbot, widget, timeout=120_000):
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+
+
+@pytest.mark.parametrize("sample", ["nuclei", "polyps", "ct"])
+def test_segment_each_sample(make_napari_viewer, qtbot, checkpoints, errors, sample):
+    viewer = _viewer_with(make_napari_viewer, sample)
+    source = viewer.layers[0]
+    before = [(layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers]
+    w = SegmentWidget(viewer)
+    w.models.add_folder(checkpoints[TASK[sample]])
+    w.image.value = source
+    assert w.axes.value == ("ZYX" if sample == "ct" else "YXC")
+    assert w.axes.value in w.axes_hint.value  # the proposal is shown, not applied silently
+    w.add_prob.value = True
+    worker = w.run()
+    assert worker is not None
+    _wait(qtbot, w)
+    assert errors == [] and w.runner.status.value.startswith("done")
+    assert len(viewer.layers) == len(before) + 2
+    for (name, data), layer in zip(before, viewer.layers):  # the user's layers are untouched
+        assert layer.name == name and np.array_equal(layer.data, data)
+    mask = viewer.layers[-2]
+    prob = viewer.layers[-1]
+    assert mask.name == f"unet-{TASK[sample]} mask [{source.name}]"
+    assert prob.name == f"unet-{TASK[sample]} probability [{source.name}]"
+    spatial = source.data.shape[:-1] if source.rgb else source.data.shape
+    assert mask.data.shape == spatial and mask.data.all()  # the checkpoint predicts foreground everywhere
+    assert np.allclose(mask.scale, source.scale) and np.allclose(mask.translate, source.translate)
+    assert tuple(mask.axis_labels) == tuple(source.axis_labels)
+    if sample == "ct":
+        assert np.allclose(mask.metadata["nifti_affine"], source.metadata["nifti_affine"])
+        assert w.ct_lo.enabled and w.ct_lo.value == -40.0
+    # running again never overwrites: a second layer with a new name
+    w.run()
+    _wait(qtbot, w)
+    names = [layer.name for layer in viewer.layers]
+    assert len(names) == len(set(names)) == len(before) + 4
+
+
+def test_lists_shipped_and_user_models(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_sdunet import zoo
+    from tests.test_inference import make_checkpoint
+
+    shipped = tmp_path / "weights"
+    make_checkpoint(shipped / "unet-nuclei")
+    monkeypatch.setattr(zoo, "PACKAGE_WEIGHTS", shipped)
+    w = SegmentWidget(make_napari_viewer())
+    labels = [label for label, _ in w.models.listed()]
+    assert "unet-nuclei (shipped)" in labels
+    make_checkpoint(zoo.user_models_dir() / "unet-mine")  # e.g. saved by fine-tuning
+    w.models.refresh()
+    assert "unet-mine (yours)" in [label for label, _ in w.models.listed()]
+
+
+def test_lists_real_shipped_weights(make_napari_viewer):
+    from napari_sdunet.zoo import list_pretrained
+
+    names = list_pretrained()
+    if not names:
+        pytest.skip("no shipped weights in napari_sdunet/weights yet")
+    w = SegmentWidget(make_napari_viewer())
+    assert [f"{n} (shipped)" for n in names] == [label for label, _ in w.models.listed()][: len(names)]
+
+
+def test_cancel(make_napari_viewer, qtbot, checkpoints, errors):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (400, 96, 96), dtype=np.uint8), name="movie")
+    w = SegmentWidget(viewer)
+    w.models.add_folder(checkpoints["nuclei"])
+    w.axes.value = "TYX"
+    w.batch_size.value = 1
+    worker = w.run()
+    assert worker is not None, errors
+    qtbot.waitUntil(lambda: w.progress_value() >= 2, timeout=60_000)
+    w.runner.cancel_button.changed.emit(True)
+    _wait(qtbot, w)
+    assert w.runner.status.value == "cancelled" and w.runner.last_result == "cancelled"
+    assert len(viewer.layers) == 1 and errors == []
+    assert w.run_button.enabled and not w.runner.cancel_button.enabled
+    del worker
+
+
+@pytest.mark.parametrize("case", ["wrong_ndim", "nan", "empty", "corrupt_checkpoint", "no_model", "cuda"])
+def test_bad_input_notifies(make_napari_viewer, qtbot, checkpoints, errors, tmp_path, case):
+    viewer = make_napari_viewer()
+    data = np.zeros((3, 32, 32), np.float32)
+    if case == "nan":
+        data[1, 5, 5] = np.nan
+    if case == "empty":
+        data = np.zeros((0, 32, 32), np.uint8)
+    viewer.add_image(data, name="img")
+    w = SegmentWidget(viewer)
+    model = checkpoints["nuclei"]
+    if case == "corrupt_checkpoint":
+        import shutil
+
+        model = shutil.copytree(model, tmp_path / "corrupt")
+        (model / "model.safetensors").write_bytes(b"\0" * 100)
+    if case != "no_model":
+        w.models.add_folder(model)
+    if case == "wrong_ndim":
+        w.axes.value = "YX"
+    if case == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        w.device.value = "cuda"
+    w.run()
+    _wait(qtbot, w)
+    assert len(errors) == 1, errors
+    expected = {"wrong_ndim": "dimensions", "nan": "NaN", "empty": "empty", "corrupt_checkpoint": "checksum",
+                "no_model": "choose a model", "cuda": "CUDA"}[case]
+    assert expected in errors[0]
+    assert len(viewer.layers) == 1 and w.run_button.enabled
