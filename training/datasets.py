@@ -1,0 +1,383 @@
+"""Data sets of the three tasks, in our uniform layout and in the layouts of the original downloads.
+
+Every loader returns a :class:`SegDataset` of ``(image (C,H,W) float32 in [0,1], mask (1,H,W) {0,1})``
+pairs at the task's input size. Layouts understood (detected from the folder):
+
+* nuclei: ``images/ + masks/ + split.csv`` (``nuclei_96``, ``nuclei``: resized), or the DSB2018
+  download ``stage1_train/<id>/images/<id>.png + masks/*.png`` (masks unioned; 80/10/10 split, seed 42);
+* polyps: ``images/ + masks/ + split.csv`` (``polyps``), or CVC-ClinicDB ``Original/<n>.tif`` +
+  ``Ground Truth/<n>.tif`` (split 23/3/3 by sequence, seed 42, the published frame->sequence table);
+* liver: 8-bit windowed slices ``images/ + masks/ + split.csv`` (``liver_lits_slices``), HU volumes
+  ``images/*.nii.gz + masks/*.nii.gz`` (``liver/``), or LiTS ``volume-N.nii + segmentation-N.nii``
+  (split by ``lits_paper_split.csv``). HU volumes are windowed, resampled to 128x128 axial slices,
+  liver + tumour = foreground.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from napari_sdunet.models import TASKS
+
+#: CVC-ClinicDB frame ranges of its 29 video sequences (published with the data set).
+CVC_SEQUENCES = [(1, 25), (26, 50), (51, 67), (68, 78), (79, 103), (104, 126), (127, 151), (152, 177), (178, 199),
+                 (200, 205), (206, 227), (228, 252), (253, 277), (278, 297), (298, 317), (318, 342), (343, 363),
+                 (364, 383), (384, 408), (409, 428), (429, 447), (448, 466), (467, 478), (479, 503), (504, 528),
+                 (529, 546), (547, 571), (572, 591), (592, 612)]
+
+#: Default data folder of each task under the data root.
+DEFAULT_SOURCES = {"nuclei": "nuclei_96", "polyps": "polyps", "liver": "liver_lits_slices"}
+#: Default per-volume test set of the liver task (HU volumes).
+LIVER_TEST_SOURCE = "liver"
+
+
+class DataError(ValueError):
+    """A data folder is missing or not in a layout we understand."""
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def default_data_root() -> Path:
+    """$SDUNET_DATA, else ``../shared/data`` relative to the repository (where CI has it)."""
+    env = os.environ.get("SDUNET_DATA")
+    return Path(env) if env else repo_root().parent / "shared" / "data"
+
+
+# -- small image helpers ---------------------------------------------------------------------------
+
+def read_image(path: Path) -> np.ndarray:
+    """A PNG/TIFF/JPEG as a numpy array (H, W) or (H, W, C), alpha dropped."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return arr
+
+
+def _resize_image(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, C, H, W) float -> bilinear (antialiased when shrinking) at ``size``."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def _resize_mask(m: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, 1, H, W) {0,1} -> {0,1} at ``size`` (area-weighted, then >= 0.5)."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return (_resize_image(m.float(), size) >= 0.5).float()
+
+
+def to_chw(arr: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W[, C]) uint8 -> (channels, H, W) uint8: grey repeated to RGB, RGB averaged to grey."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] != channels:
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, channels, axis=-1)
+        else:
+            arr = np.round(arr[..., :3].astype(np.float32).mean(-1, keepdims=True)).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+
+
+# -- the dataset -------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    id: str
+    group: str = ""  # sequence / volume: what the split keeps together
+
+
+@dataclass
+class SegDataset(Dataset):
+    """Images (N, C, H, W) in [0, 1] float32 or uint8 (scaled by 1/255 on access) + masks (N, 1, H, W)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    ids: list[str]
+    groups: list[str] = field(default_factory=list)
+    augment: object | None = None  # callable (x, y) -> (x, y), applied per sample
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        y = self.masks[i].float()
+        if self.augment is not None:
+            x, y = self.augment(x, y)
+        return x, y
+
+    def subset(self, n: int | None = None, indices: Sequence[int] | None = None) -> SegDataset:
+        """The first ``n`` samples (or the given indices), sharing memory."""
+        idx = list(indices) if indices is not None else list(range(min(n or len(self), len(self))))
+        t = torch.tensor(idx, dtype=torch.long)
+        return SegDataset(self.images[t], self.masks[t], [self.ids[i] for i in idx],
+                          [self.groups[i] for i in idx] if self.groups else [], self.augment)
+
+
+def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], size: Sequence[int], channels: int,
+           ids: list[str], groups: list[str]) -> SegDataset:
+    """Resize (image uint8 (C,H,W), mask bool (H,W)) pairs to ``size`` and stack them as uint8."""
+    if not pairs:
+        raise DataError("no samples selected")
+    imgs, masks = [], []
+    for img, mask in pairs:
+        x = torch.from_numpy(img)[None].float()
+        m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+        x = _resize_image(x, size).round().clamp(0, 255).to(torch.uint8)
+        imgs.append(x[0])
+        masks.append(_resize_mask(m, size)[0].to(torch.uint8))
+    return SegDataset(torch.stack(imgs), torch.stack(masks), ids, groups)
+
+
+def _read_split_csv(path: Path) -> dict[str, tuple[str, str]]:
+    """id -> (split, group) from a split.csv (group = sequence or volume column when present)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["id"]: (r["split"], r.get("sequence") or r.get("volume") or "") for r in rows}
+
+
+def random_split(ids: Sequence[str], fractions: tuple[float, float] = (0.8, 0.1), seed: int = 42,
+                 ) -> dict[str, str]:
+    """The paper protocol's random split: sorted ids shuffled with random.Random(seed), train/val/test."""
+    ids = sorted(ids)
+    random.Random(seed).shuffle(ids)
+    n_train = round(fractions[0] * len(ids))
+    n_val = round(fractions[1] * len(ids))
+    out = {i: "train" for i in ids[:n_train]}
+    out.update({i: "val" for i in ids[n_train:n_train + n_val]})
+    out.update({i: "test" for i in ids[n_train + n_val:]})
+    return out
+
+
+def cvc_sequence_split(seed: int = 42, n_val: int = 3, n_test: int = 3) -> dict[int, str]:
+    """Sequence number (1..29) -> split: sequences shuffled with random.Random(seed), then val, test, train."""
+    seqs = list(range(1, len(CVC_SEQUENCES) + 1))
+    random.Random(seed).shuffle(seqs)
+    out = {s: "train" for s in seqs}
+    out.update({s: "val" for s in seqs[:n_val]})
+    out.update({s: "test" for s in seqs[n_val:n_val + n_test]})
+    return out
+
+
+def cvc_sequence_of(frame: int) -> int:
+    for k, (a, b) in enumerate(CVC_SEQUENCES, 1):
+        if a <= frame <= b:
+            return k
+    raise DataError(f"CVC-ClinicDB frame {frame} is outside 1..612")
+
+
+def _want(split: str | Sequence[str]) -> set[str]:
+    return {split} if isinstance(split, str) else set(split)
+
+
+# -- 2-D sets ----------------------------------------------------------------------------------------
+
+def _uniform_2d(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
+    table = _read_split_csv(root / "split.csv")
+    ids = [i for i in sorted(table, key=_natural_key) if table[i][0] in splits][:limit]
+    pairs = []
+    for i in ids:
+        img = read_image(root / "images" / f"{i}.png")
+        pairs.append((to_chw(img, channels), read_image(root / "masks" / f"{i}.png") > 0))
+    return _stack(pairs, size, channels, ids, [table[i][1] for i in ids])
+
+
+def _natural_key(s: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+
+
+def _dsb2018(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
+    base = root / "stage1_train" if (root / "stage1_train").is_dir() else root
+    ids_all = sorted(p.name for p in base.iterdir() if (p / "images").is_dir())
+    table = random_split(ids_all)
+    ids = [i for i in ids_all if table[i] in splits][:limit]
+    pairs = []
+    for i in ids:
+        img = read_image(base / i / "images" / f"{i}.png")
+        mask = None
+        for mp in sorted((base / i / "masks").glob("*.png")):
+            m = read_image(mp) > 127
+            mask = m if mask is None else mask | m
+        if mask is None:
+            mask = np.zeros(img.shape[:2], bool)
+        pairs.append((to_chw(img, channels), mask))
+    return _stack(pairs, size, channels, ids, ["" for _ in ids])
+
+
+def _cvc_clinicdb(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
+    orig = root / "Original"
+    gt = root / "Ground Truth"
+    files = sorted((p for p in orig.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png")),
+                   key=lambda p: int(p.stem))
+    seq_split = cvc_sequence_split()
+    sel = [p for p in files if seq_split[cvc_sequence_of(int(p.stem))] in splits][:limit]
+    pairs, ids, groups = [], [], []
+    for p in sel:
+        mp = gt / p.name
+        if not mp.is_file():
+            raise DataError(f"{p.name} has no ground truth in {gt}")
+        m = read_image(mp)
+        pairs.append((to_chw(read_image(p), channels), (m if m.ndim == 2 else m[..., 0]) >= 128))
+        ids.append(p.stem)
+        groups.append(str(cvc_sequence_of(int(p.stem))))
+    return _stack(pairs, size, channels, ids, groups)
+
+
+# -- CT volumes --------------------------------------------------------------------------------------
+
+def window(hu: np.ndarray, win: Sequence[float]) -> np.ndarray:
+    """HU -> [0, 1] through the window [lo, hi] (the model input of the liver task)."""
+    lo, hi = float(win[0]), float(win[1])
+    return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """A NIfTI as (Z, Y, X): ``out[k]`` is ``arr[:, :, k].T``, the axial slice as displayed."""
+    import nibabel as nib
+
+    arr = np.asarray(nib.load(str(path)).dataobj)
+    if arr.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {arr.shape}")
+    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
+
+
+def volume_slices(ct: np.ndarray, mask: np.ndarray | None, size: Sequence[int], win: Sequence[float],
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HU volume (Z, Y, X) -> windowed float slices (Z, 1, h, w) and {0,1} masks at ``size``."""
+    x = torch.from_numpy(window(ct, win))[:, None]
+    x = _resize_image(x, size)
+    m = None
+    if mask is not None:
+        m = _resize_mask(torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))[:, None], size)
+    return x, m
+
+
+def _hu_volume_pairs(root: Path) -> list[tuple[str, Path, Path]]:
+    """(id, ct, mask) of a volume folder: images/+masks/ (same names) or LiTS volume-N/segmentation-N."""
+    out = []
+    if (root / "images").is_dir():
+        for p in sorted((root / "images").iterdir(), key=lambda p: _natural_key(p.name)):
+            if p.name.endswith((".nii", ".nii.gz")):
+                vid = p.name.split(".nii")[0]
+                out.append((vid, p, root / "masks" / p.name))
+    else:
+        for p in sorted(root.glob("volume-*.nii*"), key=lambda p: _natural_key(p.name)):
+            n = re.match(r"volume-(\d+)\.nii", p.name).group(1)
+            seg = next(iter(sorted(root.glob(f"segmentation-{n}.nii*"))), None)
+            if seg is None:
+                raise DataError(f"{p.name} has no segmentation-{n}.nii in {root}")
+            out.append((f"volume-{n}", p, seg))
+    return out
+
+
+def _volume_split(root: Path, data_root: Path | None) -> dict[str, str]:
+    for cand in (root / "split.csv", root / "lits_paper_split.csv",
+                 (data_root / "liver" / "lits_paper_split.csv") if data_root else None):
+        if cand is not None and cand.is_file():
+            return {k: v[0] for k, v in _read_split_csv(cand).items()}
+    raise DataError(f"{root}: no split.csv or lits_paper_split.csv")
+
+
+def load_volumes(root: Path, splits: str | Sequence[str] = "test", data_root: Path | None = None,
+                 limit: int | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """HU CT volumes of a folder as (id, ct (Z,Y,X), mask (Z,Y,X) bool)."""
+    table = _volume_split(root, data_root)
+    want = _want(splits)
+    out = []
+    for vid, ct, mk in _hu_volume_pairs(root):
+        if table.get(vid) in want:
+            out.append((vid, read_volume(ct), read_volume(mk) > 0))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"{root}: no volumes in split {sorted(want)}")
+    return out
+
+
+def _ct_slices(root: Path, splits: set[str], size: Sequence[int], win: Sequence[float],
+               data_root: Path | None, limit: int | None) -> SegDataset:
+    xs, ms, ids, groups = [], [], [], []
+    for vid, ct, mask in load_volumes(root, splits, data_root):
+        x, m = volume_slices(ct, mask, size, win)
+        xs.append((x * 255).round().to(torch.uint8))
+        ms.append(m.to(torch.uint8))
+        ids += [f"{vid}_{k:04d}" for k in range(len(x))]
+        groups += [vid] * len(x)
+    ds = SegDataset(torch.cat(xs), torch.cat(ms), ids, groups)
+    return ds.subset(limit) if limit else ds
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+def detect_layout(root: Path) -> str:
+    """Name the layout of a data folder (see the module docstring)."""
+    if (root / "images").is_dir() and (root / "split.csv").is_file():
+        if any(p.name.endswith((".nii", ".nii.gz")) for p in (root / "images").iterdir()):
+            return "hu_volumes"
+        return "uniform_2d"
+    if (root / "stage1_train").is_dir() or any((p / "images").is_dir() and (p / "masks").is_dir()
+                                               for p in root.iterdir() if p.is_dir()):
+        return "dsb2018"
+    if (root / "Original").is_dir() and (root / "Ground Truth").is_dir():
+        return "cvc_clinicdb"
+    if any(root.glob("volume-*.nii*")):
+        return "lits"
+    if (root / "images").is_dir() and any(p.name.endswith((".nii", ".nii.gz")) for p in (root / "images").iterdir()):
+        return "hu_volumes"
+    raise DataError(f"{root}: not a data layout we know (images/+masks/+split.csv, DSB2018 stage1_train, "
+                    "CVC-ClinicDB Original/ + Ground Truth/, LiTS volume-N.nii + segmentation-N.nii)")
+
+
+def resolve_source(task: str, source: str | os.PathLike | None, data_root: str | os.PathLike | None) -> Path:
+    """A data folder: an explicit path, a folder name under the data root, or the task's default."""
+    root = Path(data_root) if data_root else default_data_root()
+    if source is None:
+        path = root / DEFAULT_SOURCES[task]
+    else:
+        p = Path(source)
+        path = p if p.is_dir() else root / str(source)
+    if not path.is_dir():
+        raise DataError(f"data folder {path} not found (use --data-root or --source)")
+    return path
+
+
+def load_split(task: str, split: str | Sequence[str], *, source: str | os.PathLike | None = None,
+               data_root: str | os.PathLike | None = None, size: Sequence[int] | None = None,
+               ct_window: Sequence[float] | None = None, limit: int | None = None) -> SegDataset:
+    """The ``split`` ("train", "val", "test" or several) of ``task`` at ``size`` (default: the preset's)."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    prep = TASKS[task]["preprocessing"]
+    size = list(size or prep["input_size"])
+    channels = int(prep["channels"])
+    win = list(ct_window or prep["ct_window"] or (-1000.0, 1000.0))
+    path = resolve_source(task, source, data_root)
+    layout = detect_layout(path)
+    want = _want(split)
+    droot = Path(data_root) if data_root else default_data_root()
+    if layout == "uniform_2d":
+        return _uniform_2d(path, want, size, channels, limit)
+    if layout == "dsb2018":
+        return _dsb2018(path, want, size, channels, limit)
+    if layout == "cvc_clinicdb":
+        return _cvc_clinicdb(path, want, size, channels, limit)
+    return _ct_slices(path, want, size, win, droot, limit)
