@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
     spec = RunSpec(arch=a.arch, out=a.out, seed=a.seed, init_from=a.init_from, **_spec_kwargs(a))
     rec = run_fit(spec, progress=not a.no_progress)
+    if rec is None:  # a DDP rank other than 0
+        print(f"rank {os.environ.get('RANK')} finished")
+        return 0
+    print(f"rank {os.environ.get('RANK', 0)} finished")
     print(json.dumps({"fit": rec["fit"], "test": {k: v for k, v in rec["test"].items() if k != "volumes"}}, indent=2))
     return 0
 

@@ -126,7 +126,7 @@ class SegDataset(Dataset):
         return x, y
 
     def subset(self, n: int | None = None, indices: Sequence[int] | None = None) -> SegDataset:
-        """The first ``n`` samples (or the given indices), sharing memory."""
+        """The first ``n`` samples (or the given indices)."""
         idx = list(indices) if indices is not None else list(range(min(n or len(self), len(self))))
         t = torch.tensor(idx, dtype=torch.long)
         return SegDataset(self.images[t], self.masks[t], [self.ids[i] for i in idx],
@@ -140,7 +140,7 @@ def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], size: Sequence[int], chan
         raise DataError("no samples selected")
     imgs, masks = [], []
     for img, mask in pairs:
-        x = torch.from_numpy(img)[None].float()
+        x = torch.tensor(img)[None].float()
         m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
         x = _resize_image(x, size).round().clamp(0, 255).to(torch.uint8)
         imgs.append(x[0])
@@ -169,12 +169,13 @@ def random_split(ids: Sequence[str], fractions: tuple[float, float] = (0.8, 0.1)
 
 
 def cvc_sequence_split(seed: int = 42, n_val: int = 3, n_test: int = 3) -> dict[int, str]:
-    """Sequence number (1..29) -> split: sequences shuffled with random.Random(seed), then val, test, train."""
+    """Sequence number (1..29) -> split: sequences shuffled with random.Random(seed); train, then val, then test."""
     seqs = list(range(1, len(CVC_SEQUENCES) + 1))
     random.Random(seed).shuffle(seqs)
-    out = {s: "train" for s in seqs}
-    out.update({s: "val" for s in seqs[:n_val]})
-    out.update({s: "test" for s in seqs[n_val:n_val + n_test]})
+    n_train = len(seqs) - n_val - n_test
+    out = {s: "train" for s in seqs[:n_train]}
+    out.update({s: "val" for s in seqs[n_train:n_train + n_val]})
+    out.update({s: "test" for s in seqs[n_train + n_val:]})
     return out
 
 
@@ -193,12 +194,20 @@ def _want(split: str | Sequence[str]) -> set[str]:
 
 def _uniform_2d(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
     table = _read_split_csv(root / "split.csv")
-    ids = [i for i in sorted(table, key=_natural_key) if table[i][0] in splits][:limit]
+    ids = spread([i for i in sorted(table, key=_natural_key) if table[i][0] in splits], limit)
     pairs = []
     for i in ids:
         img = read_image(root / "images" / f"{i}.png")
         pairs.append((to_chw(img, channels), read_image(root / "masks" / f"{i}.png") > 0))
     return _stack(pairs, size, channels, ids, [table[i][1] for i in ids])
+
+
+def spread(items: list, limit: int | None) -> list:
+    """At most ``limit`` items, evenly spaced over the list (all of them when limit is None)."""
+    if not limit or limit >= len(items):
+        return list(items)
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
 
 
 def _natural_key(s: str) -> tuple:
@@ -209,7 +218,7 @@ def _dsb2018(root: Path, splits: set[str], size: Sequence[int], channels: int, l
     base = root / "stage1_train" if (root / "stage1_train").is_dir() else root
     ids_all = sorted(p.name for p in base.iterdir() if (p / "images").is_dir())
     table = random_split(ids_all)
-    ids = [i for i in ids_all if table[i] in splits][:limit]
+    ids = spread([i for i in ids_all if table[i] in splits], limit)
     pairs = []
     for i in ids:
         img = read_image(base / i / "images" / f"{i}.png")
@@ -229,7 +238,7 @@ def _cvc_clinicdb(root: Path, splits: set[str], size: Sequence[int], channels: i
     files = sorted((p for p in orig.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png")),
                    key=lambda p: int(p.stem))
     seq_split = cvc_sequence_split()
-    sel = [p for p in files if seq_split[cvc_sequence_of(int(p.stem))] in splits][:limit]
+    sel = spread([p for p in files if seq_split[cvc_sequence_of(int(p.stem))] in splits], limit)
     pairs, ids, groups = [], [], []
     for p in sel:
         mp = gt / p.name
@@ -323,7 +332,7 @@ def _ct_slices(root: Path, splits: set[str], size: Sequence[int], win: Sequence[
         ids += [f"{vid}_{k:04d}" for k in range(len(x))]
         groups += [vid] * len(x)
     ds = SegDataset(torch.cat(xs), torch.cat(ms), ids, groups)
-    return ds.subset(limit) if limit else ds
+    return ds.subset(indices=spread(list(range(len(ds))), limit)) if limit else ds
 
 
 # -- entry point -------------------------------------------------------------------------------------

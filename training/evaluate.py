@@ -28,6 +28,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, model_size: Sequ
                   should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """Probabilities (N, 1, H, W) at the images' size; inputs resized to ``model_size`` for the model."""
     model.eval()
+    dev = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         if should_stop is not None and should_stop():
@@ -35,7 +36,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, model_size: Sequ
         x = images[i:i + batch_size]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         size = tuple(x.shape[-2:])
-        p = torch.sigmoid(predict_logits(model, _resize_image(x, model_size), flip_tta))
+        p = torch.sigmoid(predict_logits(model, _resize_image(x, model_size).to(dev), flip_tta)).float().cpu()
         out.append(_resize_image(p, size) if tuple(p.shape[-2:]) != size else p)
     return torch.cat(out) if out else torch.empty(0)
 

@@ -46,7 +46,7 @@ class RunSpec:
     flip_tta: bool = False
     init_from: str | None = None
     limit_train: int | None = None
-    limit_val: int | None = None
+    limit_val: int | None = None  # evenly spaced subsets (datasets.spread)
     limit_test: int | None = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     lr_schedule: str = "constant"
@@ -102,14 +102,43 @@ def _csv_logger(path: Path):
     return f, w
 
 
-def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
-    """Train and test one network; see the module docstring for what is written."""
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU.
+
+    Returns ``(rank, world_size, device)``; each rank uses GPU LOCAL_RANK when CUDA is there.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    dist = torch.distributed
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    elif device == "auto":
+        device = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
+    """Train and test one network; see the module docstring for what is written.
+
+    Under torchrun every rank trains (DDP); only rank 0 tests and writes files, and only rank 0
+    returns the record (other ranks return None).
+    """
     from tqdm.auto import tqdm
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    rank, world, device = init_distributed(spec.device)
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     t_task = TASKS[spec.task]
     prep = preprocessing_for(spec.task, spec.input_size)
     size = prep["input_size"]
@@ -124,8 +153,9 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     cfg = FitConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr or t_task["lr"],
                     batch_size=spec.batch_size or t_task["batch_size"], patience=spec.patience,
                     val_every=spec.val_every, seed=spec.seed, lr_schedule=spec.lr_schedule)
-    f, writer = _csv_logger(out / "log.csv")
-    bar = tqdm(total=None, desc=f"{spec.arch}-{spec.task}", unit="step", disable=not progress, dynamic_ncols=True)
+    f, writer = _csv_logger(out / "log.csv") if rank == 0 else (None, None)
+    bar = tqdm(total=None, desc=f"{spec.arch}-{spec.task}", unit="step", disable=not progress or rank != 0,
+               dynamic_ncols=True)
 
     def on_progress(p: Progress) -> None:
         if p.kind == "step":
@@ -133,7 +163,7 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
             bar.n = p.step
             bar.set_postfix(loss=f"{p.loss:.3f}", best=f"{p.best_val_dice:.3f}", refresh=False)
             bar.refresh()
-        elif p.kind == "val":
+        elif p.kind == "val" and writer is not None:
             writer.writerow([p.step, p.epoch, f"{p.loss:.5f}", f"{p.val_dice:.5f}", f"{p.best_val_dice:.5f}",
                              f"{p.seconds:.1f}"])
             f.flush()
@@ -142,15 +172,25 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
     deadline = None if not spec.time_budget_s else t0 + spec.time_budget_s
 
     def should_stop() -> bool:
-        return deadline is not None and time.perf_counter() > deadline
+        stop = deadline is not None and time.perf_counter() > deadline
+        if world > 1:  # every rank must stop at the same step: rank 0 decides
+            flag = torch.tensor([float(stop)], device=device if device.startswith("cuda") else "cpu")
+            torch.distributed.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
 
     try:
-        res = fit(model, train, val, cfg, device=spec.device, on_progress=on_progress, should_stop=should_stop,
-                  state_dir=out / "state")
+        res = fit(model, train, val, cfg, device=device, on_progress=on_progress, should_stop=should_stop,
+                  state_dir=out / "state" if rank == 0 else None)
     finally:
         bar.close()
-        f.close()
+        if f is not None:
+            f.close()
     train_s = time.perf_counter() - t0
+    if world > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            return None
     metrics = test_model(model, spec.task, size, spec.data_root, spec.test_source or (
         None if spec.task == "liver" else spec.source), spec.flip_tta, spec.limit_test)
     record = {
