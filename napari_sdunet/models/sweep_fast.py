@@ -112,13 +112,27 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
         torch.add(du3[:, 2:L + 2, :S], du3[:, 1:L + 1, S:S2], out=carry)
         carry.add_(du3[:, 0:L, S2:])
     torch.add(grad[0], carry, out=dx[0])
+    return backward_tail(dx, dapad, dc, x, w_h, out, need)
+
+
+def backward_tail(dx: torch.Tensor, dapad: torch.Tensor, dc: torch.Tensor, x: torch.Tensor, w_h: torch.Tensor,
+                  out: torch.Tensor, need: tuple[bool, ...]):
+    """Everything after the reversed loop: the prior term's input gradient and all weight gradients.
+
+    ``dx`` holds the direct-path gradients, ``dapad`` (T-1, B, L+2, 3S) the gate pre-activation
+    gradients in padded rows, ``dc`` (T-1, B, L, 3S) the prior-term gradients, ``out`` the padded
+    output (T, B, L+2, S). Each weight gradient is one GEMM over all steps (three for W_in: one per tap).
+    """
+    T, B, L, S = x.shape
+    S3 = 3 * S
     dc_flat = dc.view(-1, S3)
     if need[0]:
         dx[1:].view(-1, S).addmm_(dc_flat, w_h)
     dw_in = db_in = dw_h = db_h = None
     if need[1]:
         da_flat = dapad.view(-1, S3)
-        o_flat = out[:T - 1].view(-1, S)
+        o_flat = out[:T - 1].reshape(-1, S)
+        # tap k of padded row j is row j + k - 1 of the previous line
         dw_in = torch.cat((da_flat[1:].t() @ o_flat[:-1], da_flat.t() @ o_flat, da_flat[:-1].t() @ o_flat[1:]), 1)
     if need[2]:
         db_in = dapad.view(-1, S3).sum(0)
@@ -126,7 +140,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
         dw_h = dc_flat.t() @ x[1:].reshape(-1, S)
     if need[4]:
         db_h = dc_flat.sum(0)
-    return dx, dw_in, db_in, dw_h, db_h
+    return (dx if need[0] else None), dw_in, db_in, dw_h, db_h
 
 
 class FastSweep(torch.autograd.Function):

@@ -26,7 +26,7 @@ def _grads(y, g, inputs):
 
 def test_fast_is_registered_first_for_cpu():
     assert "fast" in list_sweeps()
-    assert AUTO_ORDER[0] == "fast"
+    assert AUTO_ORDER.index("fast") < AUTO_ORDER.index("loop")
     assert pick_impl(torch.zeros(1, 2, 3, 3)) == "fast"
     assert pick_impl(torch.zeros(1, 2, 3, 3, dtype=torch.float16)) != "fast"
 
