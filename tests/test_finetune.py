@@ -1,0 +1,236 @@
+"""Fine-tuning engine and CLI: real frames get better, cancel writes nothing, a failed save keeps the old model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sdunet.checkpoint import load_checkpoint, read_config, save_checkpoint
+from napari_sdunet.finetune import (
+    Augmented,
+    FinetuneError,
+    LabelledImage,
+    finetune,
+    labelled_frames,
+    pairs_from_folders,
+    split_frames,
+)
+from napari_sdunet.models import TASKS, create_model
+from napari_sdunet.preprocess import InputError
+from tests.conftest import shared_data
+
+
+def _nuclei_256(n: int, split: str = "train") -> list[str]:
+    """Ids of the first ``n`` grey 256x256 nuclei images of ``split`` (full resolution, real data)."""
+    root = shared_data("nuclei")
+    splits = {r["id"]: r["split"] for r in csv.DictReader(open(root / "split.csv"))}
+    ids = [r["id"] for r in csv.DictReader(open(root / "metadata.csv"))
+           if r["width"] == "256" and r["height"] == "256" and splits[r["id"]] == split]
+    return sorted(ids)[:n]
+
+
+def _folders(tmp_path, ids):
+    """Folders of links to real image/mask files (nothing copied)."""
+    root = shared_data("nuclei")
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in ids:
+        (images / f"{i}.png").symlink_to(root / "images" / f"{i}.png")
+        (masks / f"{i}.png").symlink_to(root / "masks" / f"{i}.png")
+    return images, masks
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train fastest on one thread (and do not thrash a busy CI machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def base_model(tmp_path):
+    """A small untrained U-Net saved as a nuclei checkpoint (96x96 input), the model to fine-tune."""
+    torch.manual_seed(0)
+    model = create_model("unet", task="nuclei", base_filters=8, depth=2)
+    return save_checkpoint(model, tmp_path / "base", task="nuclei",
+                           preprocessing=TASKS["nuclei"]["preprocessing"], card="# base\n")
+
+
+def _weights(folder):
+    model, _ = load_checkpoint(folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.shared_data
+def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, base_model):
+    images, masks = _folders(tmp_path, _nuclei_256(8))
+    seen = []
+    res = finetune(base_model, (images, masks), tmp_path / "tuned", steps=40, lr=3e-3, batch_size=4,
+                   val_fraction=0.25, device="cpu", on_progress=seen.append)
+    assert not res.cancelled and res.path == tmp_path / "tuned"
+    assert (res.n_train, res.n_val, res.dice_on) == (6, 2, "validation")
+    losses = [p.loss for p in seen if p.kind == "step"]
+    assert len(losses) == 40 == res.steps
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert res.dice_after > res.dice_before + 0.1, (res.dice_before, res.dice_after)
+    first = seen[0]
+    assert first.kind == "val" and first.step == 0 and first.val_dice == pytest.approx(res.dice_before)
+    # a normal checkpoint folder, with its provenance and a card naming the base model
+    cfg = read_config(res.path)
+    assert cfg["task"] == "nuclei" and cfg["preprocessing"] == TASKS["nuclei"]["preprocessing"]
+    ft = cfg["finetune"]
+    assert ft["base_model"] == "base" and ft["steps"] == 40 and ft["n_train"] == 6
+    assert ft["dice_after"] == pytest.approx(res.dice_after)
+    card = (res.path / "README.md").read_text()
+    assert "Fine-tuned from **base**" in card and "before" in card
+    tuned, base = _weights(res.path), _weights(base_model)
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+
+
+@pytest.mark.shared_data
+def test_finetuned_folder_works_in_evaluate_cli(tmp_path, base_model, capsys):
+    from napari_sdunet.cli import main
+
+    images, masks = _folders(tmp_path, _nuclei_256(6))
+    out = tmp_path / "tuned"
+    rc = main(["finetune", "--model", str(base_model), "--images", str(images), "--masks", str(masks),
+               "--output", str(out), "--steps", "6", "--lr", "3e-3", "--device", "cpu", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["path"] == str(out) and summary["steps"] == 6 and summary["n_val"] == 1
+    assert 0.0 <= summary["dice_before"] <= 1.0 and 0.0 <= summary["dice_after"] <= 1.0
+    rc = main(["evaluate", "--model", str(out), "--images", str(images), "--masks", str(masks), "--json", "-q",
+               "--device", "cpu"])
+    assert rc == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["n"] == 6 and 0.0 <= ev["dice"] <= 1.0
+    # the same output again without --overwrite is refused before any training
+    rc = main(["finetune", "--model", str(base_model), "--images", str(images), "--masks", str(masks),
+               "--output", str(out), "--steps", "20"])
+    assert rc == 1 and "already holds a model" in capsys.readouterr().err
+
+
+@pytest.mark.shared_data
+def test_cancel_leaves_no_model(tmp_path, base_model):
+    images, masks = _folders(tmp_path, _nuclei_256(4))
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    out = tmp_path / "models" / "tuned"
+    res = finetune(base_model, (images, masks), out, steps=50, device="cpu", should_stop=stop)
+    assert res.cancelled and res.path is None and res.steps < 50
+    assert not out.exists()
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+@pytest.mark.shared_data
+def test_interrupted_save_keeps_the_previous_model(tmp_path, base_model, monkeypatch):
+    import safetensors.torch
+
+    images, masks = _folders(tmp_path, _nuclei_256(4))
+    out = tmp_path / "models" / "tuned"
+    finetune(base_model, (images, masks), out, steps=2, lr=1e-3, device="cpu")
+    before = _weights(out)
+    config_before = (out / "config.json").read_text()
+    real_save = safetensors.torch.save_file
+
+    def save_then_fail(tensors, filename, *a, **k):
+        real_save(dict(list(tensors.items())[:2]), filename)  # a partial file, then the "crash"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        finetune(base_model, (images, masks), out, steps=3, lr=1e-2, device="cpu", overwrite=True)
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == config_before
+    after = _weights(out)  # loads: checksum still matches
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tuned"]  # no temporary folder left
+
+
+def test_labelled_frames_of_a_stack_are_the_painted_and_marked_slices():
+    image = np.random.default_rng(0).integers(0, 255, (5, 32, 40), dtype=np.uint8)
+    labels = np.zeros((5, 32, 40), np.uint8)
+    labels[1, 3:9, 4:9] = 1
+    labels[3, 10:20, 10:20] = 7  # instance labels count as foreground
+    frames = labelled_frames(LabelledImage(image, labels, "ZYX", frames=[0], name="stack"))
+    assert [f.index for f in frames] == [0, 1, 3]
+    assert frames[2].mask.dtype == bool and frames[2].mask.sum() == 100
+    assert not frames[0].mask.any()
+    with pytest.raises(InputError, match="do not match"):
+        labelled_frames(LabelledImage(image, labels[:, :30], "ZYX"))
+    with pytest.raises(InputError, match="outside"):
+        labelled_frames(LabelledImage(image, labels, "ZYX", frames=[9]))
+    rgb = np.zeros((32, 40, 3), np.uint8)
+    two_d = labelled_frames(LabelledImage(rgb, np.zeros((32, 40), np.uint8)))
+    assert len(two_d) == 1 and two_d[0].has_c  # a 2-D pair counts even with no object
+
+
+def test_split_and_augmentation_keep_image_and_mask_aligned():
+    frames = list(range(10))
+    train, val = split_frames(frames, 0.2, seed=1)
+    assert len(val) == 2 and sorted(train + val) == frames
+    assert split_frames([0], 0.5) == ([0], [])
+    with pytest.raises(FinetuneError):
+        split_frames(frames, 1.0)
+    y = (torch.rand(1, 24, 24) > 0.7).float()
+    x = y.repeat(3, 1, 1)
+    aug = Augmented([(x, y)], intensity=0.0)
+    torch.manual_seed(3)
+    for _ in range(10):
+        xa, ya = aug[0]
+        assert torch.equal(xa[0], ya[0])
+    rect = Augmented([(torch.rand(3, 16, 24), torch.zeros(1, 16, 24))])
+    assert rect[0][0].shape == (3, 16, 24)  # no 90° rotation of non-square frames
+    xa, _ = Augmented([(torch.full((3, 8, 8), 0.5), torch.zeros(1, 8, 8))], intensity=0.2)[0]
+    assert 0.0 <= float(xa.min()) and float(xa.max()) <= 1.0
+
+
+def test_bad_requests_fail_before_training(tmp_path, base_model):
+    from napari_sdunet.zoo import PACKAGE_WEIGHTS
+
+    img = np.zeros((40, 40, 3), np.uint8)
+    lab = np.zeros((5, 40, 40), np.uint8)
+    with pytest.raises(FinetuneError, match="no labelled frame|none of the given"):
+        finetune(base_model, [LabelledImage(np.zeros((5, 40, 40), np.uint8), lab, "ZYX")], tmp_path / "o")
+    with pytest.raises(FinetuneError, match="shipped weights"):
+        finetune(base_model, [(img, lab[0])], PACKAGE_WEIGHTS / "mine")
+    with pytest.raises(FinetuneError, match="trainable"):
+        finetune(base_model, [(img, lab[0])], tmp_path / "o", trainable="encoder")
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "notmodel" / "x.txt").write_text("x")
+    with pytest.raises(FinetuneError, match="not a model folder"):
+        finetune(base_model, [(img, lab[0])], tmp_path / "notmodel")
+    with pytest.raises(FinetuneError, match="same file stem"):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        pairs_from_folders(tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "o").exists()
+
+
+def test_decoder_only_keeps_the_encoder(tmp_path, base_model):
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(4):
+        m = np.zeros((64, 64), np.uint8)
+        cy, cx = rng.integers(16, 48, 2)
+        m[cy - 8:cy + 8, cx - 8:cx + 8] = 1
+        pairs.append(((m * 180 + rng.integers(0, 60, m.shape)).astype(np.uint8), m))
+    res = finetune(base_model, pairs, tmp_path / "dec", steps=4, lr=1e-2, trainable="decoder",
+                   val_fraction=0.0, device="cpu")
+    assert res.dice_on == "training" and res.n_val == 0 and not math.isnan(res.dice_after)
+    tuned, base = _weights(res.path), _weights(base_model)
+    params = [k for k, _ in load_checkpoint(base_model)[0].named_parameters()]  # BN statistics may move
+    assert all(torch.equal(tuned[k], base[k]) for k in params if k.split(".")[0] in ("downs", "inc"))
+    assert any(not torch.equal(tuned[k], base[k]) for k in params if k.split(".")[0] in ("ups", "head"))
