@@ -14,6 +14,8 @@ import numpy as np
 
 LayerData = tuple[Any, dict[str, Any], str]
 SAMPLES = ("nuclei", "polyps", "ct")
+#: binary references in cyan: visible on red/orange endoscopy and on grey CT.
+REFERENCE_COLORS = {None: "transparent", 0: "transparent", 1: "cyan"}
 
 
 def sample_dir() -> Path:
@@ -54,7 +56,8 @@ def polyps() -> list[LayerData]:
     mask = (_png("polyp_mask.png") > 0).astype(np.uint8)
     meta = {"source": "CVC-ClinicDB frame 10, research and educational use only"}
     return [(image, {"name": "polyp frame", "rgb": True, "metadata": meta}, "image"),
-            (mask, {"name": "polyp reference", "metadata": meta, "opacity": 0.5}, "labels")]
+            (mask, {"name": "polyp reference", "metadata": meta, "opacity": 0.5, "colormap": REFERENCE_COLORS},
+             "labels")]
 
 
 def ct() -> list[LayerData]:
@@ -64,7 +67,7 @@ def ct() -> list[LayerData]:
     image, ikw, _ = layer_data(sample_path("ct_image.nii.gz"))
     mask, mkw, _ = layer_data(sample_path("ct_liver_mask.nii.gz"))
     ikw.update(name="CT (HU)", colormap="gray", contrast_limits=(-160.0, 240.0))
-    mkw.update(name="liver reference (automatic)", opacity=0.5)
+    mkw.update(name="liver reference (automatic)", opacity=0.5, colormap=REFERENCE_COLORS)
     return [(image, ikw, "image"), (mask.astype(np.uint8), mkw, "labels")]
 
 

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     compare = CompareWidget(viewer)
     viewer.window.add_dock_widget(segment, name="Segment (napari-sdunet)", area="right")
     viewer.window.add_dock_widget(compare, name="Compare (napari-sdunet)", area="right")
+    viewer.reset_view()
     image_layers = [layer for layer in viewer.layers if layer.__class__.__name__ == "Image"]
     if image_layers:
         segment.image.value = image_layers[0]
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         viewer.dims.set_point(0, viewer.dims.range[0].start + 15 * viewer.dims.range[0].step)
 
     def finish() -> None:
+        viewer.reset_view()
         if args.screenshot:
             out = Path(args.screenshot)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,88 @@
+"""The Compare widget: overlay colours and metrics on a hand-made case, live updates, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sdunet.widgets import CompareWidget
+from napari_sdunet.widgets.compare import FN, FP, TP, metric_rows, overlay_codes
+
+
+def _case():
+    """10x10 reference with a 4x4 square; prediction shifted right by 2: TP 8, FP 8, FN 8."""
+    ref = np.zeros((10, 10), np.uint8)
+    ref[2:6, 2:6] = 1
+    pred = np.zeros((10, 10), np.uint8)
+    pred[2:6, 4:8] = 7  # any non-zero label counts
+    return ref, pred
+
+
+def test_overlay_codes_and_metrics_by_hand():
+    ref, pred = _case()
+    codes = overlay_codes(pred, ref)
+    assert codes[3, 4] == TP and codes[3, 7] == FP and codes[3, 2] == FN and codes[0, 0] == 0
+    assert [(codes == v).sum() for v in (TP, FP, FN)] == [8, 8, 8]
+    index, rows, n_empty = metric_rows(pred, ref)
+    assert index == ["overall"] and n_empty == 0
+    dice, jac, prec, rec, tp, fp, fn = rows[0]
+    assert (tp, fp, fn) == (8, 8, 8)
+    assert dice == 0.5 and jac == pytest.approx(1 / 3, abs=1e-4) and prec == 0.5 and rec == 0.5
+    # 3-D: per-slice rows (slices empty in both are left out) and a pooled overall row
+    ref3 = np.stack([ref, np.zeros_like(ref), ref])
+    pred3 = np.stack([pred, np.zeros_like(pred), ref])
+    index, rows, n_empty = metric_rows(pred3, ref3)
+    assert index == ["slice 0", "slice 2", "overall"] and n_empty == 1
+    assert rows[1][0] == 1.0 and rows[2][4:] == [24, 8, 8]
+    with pytest.raises(ValueError, match="differs"):
+        overlay_codes(pred, ref[:5])
+
+
+def test_compare_widget_overlay_colours_table_and_live_update(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    ref, pred = _case()
+    ref_layer = viewer.add_labels(ref, name="truth", scale=(2.0, 3.0))
+    pred_layer = viewer.add_labels(pred, name="model", scale=(2.0, 3.0))
+    w = CompareWidget(viewer)
+    assert w.reference.value is ref_layer and w.prediction.value is pred_layer  # proposed: oldest vs newest
+    assert w.compare()
+    overlay = w.overlay
+    assert overlay is viewer.layers[-1] and np.allclose(overlay.scale, (2.0, 3.0))
+    colours = overlay.colormap.map(np.array([TP, FP, FN]))
+    np.testing.assert_allclose(colours[0], [1, 1, 1, 1], atol=1e-6)  # white
+    np.testing.assert_allclose(colours[1][:3], [1, 0, 0], atol=1e-6)  # red
+    assert colours[2][2] == 1 and colours[2][0] == 0  # blue
+    assert w.table.row_headers == ("overall",) and w.metrics["dice"] == 0.5
+    assert "Dice 0.5000" in w.summary.value
+    assert np.array_equal(ref_layer.data, ref) and np.array_equal(pred_layer.data, pred)  # only read
+    # the user corrects the prediction with the brush: a paint event updates the metrics
+    pred_layer.paint((3, 2), 7, refresh=True)  # fills FN pixels around (3, 2)
+    qtbot.waitUntil(lambda: w.metrics["recall"] > 0.5, timeout=5000)
+    assert w.metrics["FN"] < 8
+    # replacing the data (data event) updates too
+    pred_layer.data = ref.copy()
+    qtbot.waitUntil(lambda: w.metrics["dice"] == 1.0, timeout=5000)
+    assert (overlay.data == FP).sum() == 0 and len(viewer.layers) == 3
+    assert errors == []
+
+
+def test_compare_3d_rows(make_napari_viewer):
+    viewer = make_napari_viewer()
+    ref, pred = _case()
+    viewer.add_labels(np.stack([ref] * 3), name="truth")
+    viewer.add_labels(np.stack([pred, ref, np.zeros_like(ref)]), name="model")
+    w = CompareWidget(viewer)
+    assert w.compare()
+    assert w.table.row_headers == ("slice 0", "slice 1", "slice 2", "overall")
+    # overall pools the slices: TP 8 + 16 + 0, FP 8 + 0 + 0, FN 8 + 0 + 16 -> Dice 48 / 80
+    assert [row[0] for row in w.table.data] == [0.5, 1.0, 0.0, 0.6]
+    assert list(w.table.data[3][4:]) == [24, 8, 24]
+
+
+def test_compare_mismatched_shapes_notifies(make_napari_viewer, errors):
+    viewer = make_napari_viewer()
+    viewer.add_labels(np.zeros((10, 10), np.uint8), name="a")
+    viewer.add_labels(np.zeros((12, 10), np.uint8), name="b")
+    w = CompareWidget(viewer)
+    assert not w.compare()
+    assert len(errors) == 1 and "shapes differ" in errors[0] and len(viewer.layers) == 2
