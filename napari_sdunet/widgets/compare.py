@@ -88,6 +88,7 @@ class CompareWidget(Container):
         self.summary = Label(label="", value="pick a reference and a prediction")
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
         self.table.read_only = True
+        self.table.min_height = 220  # room for a few per-slice rows
         super().__init__(widgets=[self.reference, self.prediction, self.live, self.button, self.summary,
                                   self.table], labels=True)
         self.overlay: Any = None
