@@ -100,8 +100,8 @@ def ship(run: str | Path, name: str | None = None, note: str = "", flip_tta: boo
     folder = save_checkpoint(model, dest / name, task=task, preprocessing=config["preprocessing"], half=True,
                              extra={"name": name, "training": config.get("training", {})})
     shipped, _ = load_checkpoint(folder)
-    metrics = test_model(shipped, task, config["preprocessing"]["input_size"], data_root,
-                         None, flip_tta)
+    metrics = test_model(shipped, task, config["preprocessing"]["input_size"], data_root or spec.get("data_root"),
+                         spec.get("test_source"), flip_tta, spec.get("limit_test"))
     config = dict(config, training=config.get("training", {}))
     card = model_card(name, task, config, metrics, cmd, note)
     return save_checkpoint(shipped, folder, task=task, preprocessing=config["preprocessing"], half=True,

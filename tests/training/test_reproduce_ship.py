@@ -1,0 +1,46 @@
+"""Reproduction table/plot and shipping a run as a package model (tiny real runs)."""
+
+from __future__ import annotations
+
+import json
+
+from napari_sdunet.checkpoint import load_checkpoint
+from tests.conftest import shared_data
+from training.reproduce import PAPER_TABLE2, make_table, reproduce
+from training.ship import ship
+
+
+def _kw(root):
+    return dict(data_root=str(root), max_steps=2, batch_size=4, val_every=1, limit_train=8, limit_val=4,
+                limit_test=4, patience=None, model_overrides={"base_filters": 8, "depth": 2}, threads=1)
+
+
+def test_reproduce_table_plot_and_ship(tmp_path):
+    root = shared_data("nuclei_96").parent
+    out = tmp_path / "repro"
+    rows = reproduce("nuclei", 2, out, archs=["unet"], spec_kwargs=_kw(root), progress=False)
+    assert [r["seed"] for r in rows] == [0, 1]
+    table = (out / "table.md").read_text()
+    assert "| U-Net | 2 |" in table and "91.79 ± 0.32" in table
+    assert (out / "table.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "results.csv").read_text().count("\n") == 3
+    # a second call reuses the finished runs
+    mtime = (out / "unet" / "run0" / "metrics.json").stat().st_mtime
+    reproduce("nuclei", 2, out, archs=["unet"], spec_kwargs=_kw(root), progress=False)
+    assert (out / "unet" / "run0" / "metrics.json").stat().st_mtime == mtime
+
+    folder = ship(out / "unet" / "run0", name="unet-nuclei", data_root=str(root), dest=tmp_path / "weights")
+    model, config = load_checkpoint(folder)
+    assert config["weights"]["dtype"] == "float16" and config["preprocessing"]["input_size"] == [96, 96]
+    card = (folder / "README.md").read_text()
+    assert "per-image Dice" in card and "python -m training fit" in card and "CC0" in card
+    run_dice = json.loads((out / "unet/run0/metrics.json").read_text())["test"]["dice"]
+    assert abs(config["metrics"]["dice"] - run_dice) < 0.02  # fp16 weights score like the fp32 run
+
+
+def test_table_lists_paper_values():
+    rows = [{"arch": "sdunet", "dice": 90.0, "jaccard": 82.0, "global_dice": 91.0, "paper_batch_dice": 92.0},
+            {"arch": "sdunet", "dice": 92.0, "jaccard": 84.0, "global_dice": 93.0, "paper_batch_dice": 94.0}]
+    t = make_table("polyps", rows)
+    assert "| SDU-Net | 2 | 91.00 ± 1.41 | 83.00 ± 1.41 |" in t and "80.62 ± 0.79" in t
+    assert set(PAPER_TABLE2) == {"nuclei", "polyps", "liver"}
