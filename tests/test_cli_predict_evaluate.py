@@ -81,6 +81,11 @@ def test_predict_writes_masks_in_source_space(tmp_path, capsys):
     assert np.allclose(vol.affine, affine) and np.asarray(vol.dataobj).shape == (20, 24, 4)
     assert np.asarray(vol.dataobj).min() == 1
     assert (out / "vol_prob.nii.gz").is_file()
+    # a grey TIFF stack is segmented slice by slice and written as a TIFF stack
+    io.write_image(tmp_path / "stack.tif", np.zeros((3, 20, 30), np.uint16))
+    assert main(["predict", "--model", str(model), str(tmp_path / "stack.tif"), "-o", str(out)]) == 0
+    stack = io.read_image(out / "stack.tif")
+    assert stack.data.shape == (3, 20, 30) and stack.data.min() == 1
 
 
 def test_user_errors_are_messages_not_tracebacks(tmp_path, capsys):
