@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_sdunet.models import create_model  # noqa: E402
 from napari_sdunet.models.sdn import SDNCell  # noqa: E402
-from napari_sdunet.models.sweep import list_sweeps, pick_impl, sweep  # noqa: E402
+from napari_sdunet.models.sweep import list_sweeps, sweep  # noqa: E402
 from napari_sdunet.models.sweep_naive import sweep_naive  # noqa: E402
 
 
@@ -91,8 +91,6 @@ def bench_sweeps(args, device: torch.device, dtype: torch.dtype, mm: float) -> l
     for size in args.sizes:
         x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device, dtype)
         for impl in impls:
-            if impl != "naive" and pick_impl(x0, impl) != impl:
-                continue
             for backward in (False, True):
                 def run(impl=impl, backward=backward, x0=x0):
                     x = x0.detach().requires_grad_(backward)
@@ -199,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the sweeps' GEMMs too
     if args.impls is None:
-        args.impls = [i for i in list_sweeps() if i != "naive"]
+        wanted = ["loop", "fast"] + (["triton", "triton_bf16"] if device.type == "cuda" else ["fast_bf16"])
+        args.impls = [i for i in wanted if i in list_sweeps()]
     info = machine_info(device)
     info["load_before"] = load()
     print(f"# {info}", flush=True)
@@ -212,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  matmul fp32 {args.mm_size}^3: {mm:.1f} GFLOP/s; bf16: {mm_bf16:.1f} GFLOP/s; "
           f"step GEMM ({m}x{3 * args.state})@({3 * args.state}x{3 * args.state}) fp32: {step_mm:.1f} GFLOP/s",
           flush=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
     res = {"machine": info, "matmul_gflops": mm, "matmul_bf16_gflops": mm_bf16, "step_gemm_gflops": step_mm,
            "batch": args.batch, "state": args.state}
     res["sweeps"] = bench_sweeps(args, device, dtype, mm)

@@ -30,12 +30,21 @@ def _taps(line_pad: torch.Tensor, L: int) -> torch.Tensor:
     return line_pad.as_strided((B, L, 3 * S), ((L + 2) * S, S, 1), line_pad.storage_offset())
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
+    """a @ b, with operands rounded to ``lp`` (result back in a's dtype) when ``lp`` is given."""
+    if lp is None:
+        return a @ b
+    return (a.to(lp) @ b.to(lp)).to(a.dtype)
+
+
 def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor, b_h: torch.Tensor,
-             keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+             keep: bool, lp: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the sweep on contiguous lines ``x`` (T, B, L, S).
 
     Returns the padded output (T, B, L+2, S) and, if ``keep``, the gates [r, z, n] (T-1, B, L, 3S)
-    and the prior term (T-1, B, L, 3S) that backward needs.
+    and the prior term (T-1, B, L, 3S) that backward needs. ``lp`` (e.g. bfloat16): dtype of the
+    GEMM operands; state, gates and biases stay in x's dtype.
     """
     T, B, L, S = x.shape
     out = x.new_zeros(T, B, L + 2, S)
@@ -43,12 +52,17 @@ def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch
     if T == 1:
         return out, None, None
     S2, S3 = 2 * S, 3 * S
-    prior = torch.addmm(b_h, x[1:].reshape(-1, S), w_h.t()).view(T - 1, B, L, S3)
+    if lp is None:
+        prior = torch.addmm(b_h, x[1:].reshape(-1, S), w_h.t())
+    else:
+        prior = _mm(x[1:].reshape(-1, S), w_h.t(), lp).add_(b_h)
+    prior = prior.view(T - 1, B, L, S3)
     gates = x.new_empty(T - 1, B, L, S3) if keep else x.new_empty(1, B, L, S3)
-    u = x.new_empty(B, L, S3)
-    a = x.new_empty(B * L, S3)
+    u = x.new_empty(B, L, S3, dtype=lp or x.dtype)
+    a = x.new_empty(B * L, S3, dtype=lp or x.dtype)
     tmp = x.new_empty(B, L, S)
-    w_in_t = w_in.t()
+    w_in_t = w_in.t() if lp is None else w_in.t().to(lp)
+    b_in = b_in if lp is None else b_in.to(lp)
     a3 = a.view(B, L, S3)
     for t in range(1, T):
         u.copy_(_taps(out[t - 1], L))
@@ -68,7 +82,7 @@ def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torch.Tensor, out: torch.Tensor,
-              gates: torch.Tensor, prior: torch.Tensor, need: tuple[bool, ...]):
+              gates: torch.Tensor, prior: torch.Tensor, need: tuple[bool, ...], lp: torch.dtype | None = None):
     """Gradients (dx, dW_in, db_in, dW_h, db_h) of the sweep; ``need`` says which are wanted."""
     T, B, L, S = x.shape
     S2, S3 = 2 * S, 3 * S
@@ -76,7 +90,9 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
     # dA in padded rows (zeros at the line ends) so the batch is one matrix for the GEMMs
     dapad = x.new_zeros(T - 1, B, L + 2, S3)
     dc = x.new_empty(T - 1, B, L, S3)
-    dupad = x.new_empty(B * (L + 2), S3)
+    dupad = x.new_empty(B * (L + 2), S3, dtype=lp or x.dtype)
+    da_lp = None if lp is None else x.new_empty(B * (L + 2), S3, dtype=lp)
+    w_in_lp = w_in if lp is None else w_in.to(lp)
     du3 = dupad.view(B, L + 2, S3)
     carry = x.new_zeros(B, L, S)  # gradient reaching the previous line through the taps
     g = x.new_empty(B, L, S)
@@ -108,15 +124,18 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
         dct[..., :S2].copy_(da[..., :S2])
         torch.mul(da_n, r, out=dct[..., S2:])
         # gradient to the previous line: dU = dA W_in, then tap k of row i lands on row i + k - 1
-        torch.mm(dapad[t - 1].view(B * (L + 2), S3), w_in, out=dupad)
+        da_rows = dapad[t - 1].view(B * (L + 2), S3)
+        if lp is not None:
+            da_rows = da_lp.copy_(da_rows)
+        torch.mm(da_rows, w_in_lp, out=dupad)
         torch.add(du3[:, 2:L + 2, :S], du3[:, 1:L + 1, S:S2], out=carry)
         carry.add_(du3[:, 0:L, S2:])
     torch.add(grad[0], carry, out=dx[0])
-    return backward_tail(dx, dapad, dc, x, w_h, out, need)
+    return backward_tail(dx, dapad, dc, x, w_h, out, need, lp)
 
 
 def backward_tail(dx: torch.Tensor, dapad: torch.Tensor, dc: torch.Tensor, x: torch.Tensor, w_h: torch.Tensor,
-                  out: torch.Tensor, need: tuple[bool, ...]):
+                  out: torch.Tensor, need: tuple[bool, ...], lp: torch.dtype | None = None):
     """Everything after the reversed loop: the prior term's input gradient and all weight gradients.
 
     ``dx`` holds the direct-path gradients, ``dapad`` (T-1, B, L+2, 3S) the gate pre-activation
@@ -127,17 +146,23 @@ def backward_tail(dx: torch.Tensor, dapad: torch.Tensor, dc: torch.Tensor, x: to
     S3 = 3 * S
     dc_flat = dc.view(-1, S3)
     if need[0]:
-        dx[1:].view(-1, S).addmm_(dc_flat, w_h)
+        if lp is None:
+            dx[1:].view(-1, S).addmm_(dc_flat, w_h)
+        else:
+            dx[1:].view(-1, S).add_(_mm(dc_flat, w_h, lp))
     dw_in = db_in = dw_h = db_h = None
     if need[1]:
         da_flat = dapad.view(-1, S3)
         o_flat = out[:T - 1].reshape(-1, S)
         # tap k of padded row j is row j + k - 1 of the previous line
-        dw_in = torch.cat((da_flat[1:].t() @ o_flat[:-1], da_flat.t() @ o_flat, da_flat[:-1].t() @ o_flat[1:]), 1)
+        if lp is not None:  # round once, not per tap
+            da_flat, o_flat = da_flat.to(lp), o_flat.to(lp)
+        dw_in = torch.cat((da_flat[1:].t() @ o_flat[:-1], da_flat.t() @ o_flat, da_flat[:-1].t() @ o_flat[1:]),
+                          1).to(dx.dtype)
     if need[2]:
         db_in = dapad.view(-1, S3).sum(0)
     if need[3]:
-        dw_h = dc_flat.t() @ x[1:].reshape(-1, S)
+        dw_h = _mm(dc_flat.t(), x[1:].reshape(-1, S), lp)
     if need[4]:
         db_h = dc_flat.sum(0)
     return (dx if need[0] else None), dw_in, db_in, dw_h, db_h
@@ -147,9 +172,11 @@ class FastSweep(torch.autograd.Function):
     """Autograd Function for one lines-major sweep with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx, lines, w_in, b_in, w_h, b_h):  # noqa: D102
-        x = lines.contiguous()
-        out, gates, prior = _forward(x, w_in, b_in, w_h, b_h, keep=True)
+    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp):  # noqa: D102
+        with _no_autocast(lines):
+            x = lines.contiguous()
+            out, gates, prior = _forward(x, w_in, b_in, w_h, b_h, keep=True, lp=lp)
+        ctx.lp = lp
         ctx.save_for_backward(x, w_in, w_h, out, gates, prior)
         return out[:, :, 1:-1]
 
@@ -157,10 +184,30 @@ class FastSweep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, w_in, w_h, out, gates, prior = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need = ctx.needs_input_grad[:5]
         if x.shape[0] == 1:  # a single line: the sweep is the identity, the weights are unused
-            return grad, None, None, None, None
-        return _backward(grad.contiguous(), x, w_in, w_h, out, gates, prior, need)
+            return grad, None, None, None, None, None
+        with _no_autocast(x):
+            grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
+        return (*grads, None)
+
+
+def _no_autocast(x: torch.Tensor):
+    """Our GEMMs pick their own precision: autocast must not recast them (nor break ``out=``)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _apply(lines, w_in, b_in, w_h, b_h, lp):
+    dtype = torch.float64 if lines.dtype == torch.float64 else torch.float32  # state and gate dtype
+    x = lines.to(dtype)
+    w_in, b_in, w_h, b_h = (w.to(dtype) for w in (w_in, b_in, w_h, b_h))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_h, b_h)):
+        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp)
+    else:
+        with _no_autocast(x):
+            out, _, _ = _forward(x.contiguous(), w_in, b_in, w_h, b_h, keep=False, lp=lp)
+        y = out[:, :, 1:-1]
+    return y.to(lines.dtype)
 
 
 def sweep_fast(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
@@ -168,15 +215,31 @@ def sweep_fast(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h:
     """Fast lines-major sweep (T, B, L, S); same values and gradients as ``sweep_loop``."""
     if lines.shape[0] == 0:
         return lines.clone()
-    w_in, b_in, w_h, b_h = (w.to(lines.dtype) for w in (w_in, b_in, w_h, b_h))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (lines, w_in, b_in, w_h, b_h)):
-        return FastSweep.apply(lines, w_in, b_in, w_h, b_h)
-    out, _, _ = _forward(lines.contiguous(), w_in, b_in, w_h, b_h, keep=False)
-    return out[:, :, 1:-1]
+    return _apply(lines, w_in, b_in, w_h, b_h, None)
+
+
+def sweep_fast_bf16(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
+                    b_h: torch.Tensor) -> torch.Tensor:
+    """Mixed precision: bf16 GEMM operands (fp32 accumulation), fp32 state, gates and biases.
+
+    About 4x the fp32 GEMM throughput on CPUs with AVX512-BF16; not exact (see benchmarks/README.md).
+    Used by ``impl="auto"`` for bf16 inputs and under CPU autocast to bf16.
+    """
+    if lines.shape[0] == 0:
+        return lines.clone()
+    return _apply(lines, w_in, b_in, w_h, b_h, torch.bfloat16)
 
 
 def _cpu_float(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16 or (autocast_bf16 and x.dtype == torch.float32)
+
+
 register_sweep("fast", sweep_fast, priority=0, available=_cpu_float)
+register_sweep("fast_bf16", sweep_fast_bf16, priority=0, available=_cpu_bf16)

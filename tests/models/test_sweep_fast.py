@@ -104,3 +104,49 @@ def test_sdn_layer_auto_equals_loop():
     layer.impl = "loop"
     y_loop = layer(x)
     torch.testing.assert_close(y_auto, y_loop, rtol=0, atol=1e-12)
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def test_fast_bf16_stays_within_bf16_error():
+    # bf16 GEMM operands, fp32 state: relative error of values and gradients ~1e-3, never worse than 1e-2
+    x, params = _setup(64, (9, 12), B=2)
+    x = torch.tanh(x.detach()).requires_grad_()
+    g = torch.randn(2, 64, 9, 12, dtype=torch.float64)
+    x32 = x.detach().float().requires_grad_()
+    p32 = [p.detach().float().requires_grad_() for p in params]
+    for direction in (0, 3):
+        want = sweep_reference(x, *params, direction)
+        got = sweep(x32, *p32, direction, impl="fast_bf16")
+        assert got.dtype == torch.float32
+        assert 1e-5 < _rel(got, want) < 1e-2  # really reduced precision, and still close
+        for a, b in zip(_grads(got, g.float(), [x32, *p32]), _grads(want, g, [x, *params])):
+            assert _rel(a, b) < 2e-2
+
+
+def test_auto_uses_bf16_sweep_under_cpu_autocast_only():
+    x = torch.zeros(1, 2, 3, 3)
+    assert pick_impl(x) == "fast"
+    assert pick_impl(x.bfloat16()) == "fast_bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert pick_impl(x) == "fast_bf16"
+        # the exact path is still exact when asked for by name: autocast must not recast its GEMMs
+        xs, params = _setup(5, (4, 6), dtype=torch.float32)
+        y = sweep(xs, *params, 0, impl="fast")
+    torch.testing.assert_close(y, sweep_reference(xs, *params, 0), rtol=0, atol=2e-6)
+
+
+def test_sdn_layer_trains_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = SDN(3, 2, state=16)
+    x = torch.randn(2, 3, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    ref = SDN(3, 2, state=16, impl="loop")
+    ref.load_state_dict(layer.state_dict())
+    y_ref = ref(x)
+    assert _rel(y.float(), y_ref) < 3e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
