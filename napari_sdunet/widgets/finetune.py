@@ -1,0 +1,338 @@
+"""The "Fine-tune" widget: train a model further on image + corrected-Labels layer pairs.
+
+The user corrects a prediction with napari's brushes, picks the (image, labels) pairs, the base
+model and a few settings, and presses Fine-tune. The engine (:func:`napari_sdunet.finetune.finetune`,
+the same training loop as ``training/``) runs in a thread; the widget plots the loss and the
+validation Dice live, can cancel (nothing is saved then), and writes the new model to the user
+models folder, where the model lists of this and every other napari-sdunet widget pick it up at once
+(and after a restart). Layers are copied when the run starts, so painting during training is safe.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import queue
+import re
+import threading
+from collections.abc import Generator
+from typing import Any
+
+import napari
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+)
+from psygnal import Signal
+
+from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
+from .segment import proposed_axes
+
+LR_CHOICES = [("1e-5", 1e-5), ("3e-5", 3e-5), ("1e-4", 1e-4), ("3e-4", 3e-4), ("1e-3", 1e-3), ("3e-3", 3e-3)]
+
+
+class _Events:
+    """Hook for other widgets: ``events.model_saved`` emits the folder of each new fine-tuned model."""
+
+    model_saved = Signal(str)
+
+
+events = _Events()
+
+
+def parse_frames(text: str) -> list[int]:
+    """'0, 4-6' -> [0, 4, 5, 6] (frames the user marks as checked even if their labels are empty)."""
+    out: set[int] = set()
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise ValueError(f"cannot read frames {text!r}: use numbers and ranges such as 0, 4-6")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise ValueError(f"frame range {part} runs backwards")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def labelled_count(labels: Any) -> int:
+    """Slices/frames of a Labels layer's data with any painted pixel (a 2-D layer counts as 1)."""
+    arr = np.asarray(labels)
+    if arr.ndim <= 2:
+        return 1
+    return int(np.count_nonzero(arr.reshape(-1, *arr.shape[-2:]).any(axis=(1, 2))))
+
+
+class PairRow(Container):
+    """One training pair: image layer, its corrected Labels layer, optional marked frames."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, number: int) -> None:
+        self.image_combo = LayerCombo(viewer, "image", "image")
+        self.labels_combo = LayerCombo(viewer, "labels", "labels")
+        self.frames = LineEdit(label="also frames", value="",
+                               tooltip="stacks/videos: slices or frames to use even though their labels are "
+                                       "empty (checked, nothing there), e.g. 0, 4-6")
+        self.info = Label(label="", value="")
+        self.remove_button = PushButton(text="Remove pair")
+        super().__init__(widgets=[self.image_combo, self.labels_combo, self.frames, self.info, self.remove_button],
+                         labels=True, label=f"pair {number}")
+        for w in (self.image_combo, self.labels_combo, self.frames):
+            w.changed.connect(self.update_info)
+        self.update_info()
+
+    def update_info(self, _event: Any = None) -> None:
+        image, labels = self.image_combo.value, self.labels_combo.value
+        if image is None or labels is None:
+            self.info.value = "choose an image and its corrected labels"
+            return
+        axes = proposed_axes(image)
+        try:
+            n = labelled_count(labels.data)
+        except (TypeError, ValueError):
+            n = 0
+        self.info.value = f"axes {axes or '?'}: {n} labelled frame(s)"
+
+    def item(self) -> Any:
+        """A :class:`~napari_sdunet.finetune.LabelledImage` with copies of the layers' data."""
+        from ..finetune import LabelledImage
+
+        image, labels = self.image_combo.value, self.labels_combo.value
+        if image is None or labels is None:
+            raise ValueError(f"{self.label}: choose an image layer and a Labels layer")
+        if getattr(image, "multiscale", False) or getattr(labels, "multiscale", False):
+            raise ValueError(f"{self.label}: multiscale layers cannot be used; add one level as its own layer")
+        axes = proposed_axes(image)
+        if not axes:
+            raise ValueError(f"{self.label}: cannot tell the axes of {image.name} (shape {np.shape(image.data)})")
+        return LabelledImage(np.array(image.data, copy=True), np.array(labels.data, copy=True), axes,
+                             frames=parse_frames(self.frames.value), name=f"{image.name} / {labels.name}")
+
+
+class FinetuneRunner(JobRunner):
+    """The shared job runner, with Cancel that asks the training loop to stop (so nothing is saved)."""
+
+    def __init__(self, run_button: PushButton) -> None:
+        self.stop_event = threading.Event()
+        super().__init__(run_button)
+
+    def cancel(self, _event: Any = None) -> None:
+        if self.worker is not None:
+            self.status.value = "cancelling (after the current step)..."
+            self.stop_event.set()
+
+
+def finetune_job(stop: threading.Event, reports: list, base: str, items: list, output: str,
+                 val_items: list | None, settings: dict[str, Any]
+                 ) -> Generator[tuple[int, int, str], None, Any]:
+    """Run :func:`~napari_sdunet.finetune.finetune` in a helper thread and relay its progress.
+
+    Training reports (``Progress``) are appended to ``reports`` for the plot; the yielded
+    ``(done, total, message)`` drive the progress bar and status line.
+    """
+    from ..finetune import finetune
+
+    q: queue.Queue = queue.Queue()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = finetune(base, items, output, val_data=val_items, should_stop=stop.is_set,
+                                     on_progress=q.put, on_status=q.put, **settings)
+        except BaseException as e:  # handed to the worker thread, which reports it
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="napari-sdunet-finetune", daemon=True)
+    thread.start()
+    done, total, status, loss, val = 0, 0, "starting...", math.nan, math.nan
+    while thread.is_alive() or not q.empty():
+        try:
+            item = q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if isinstance(item, str):
+            status = item
+        else:
+            reports.append(item)
+            done, total = item.step, item.total_steps
+            if item.kind == "step":
+                loss = item.loss
+            elif item.kind == "val":
+                val = item.val_dice
+            if item.kind != "done" and done > 0:
+                status = f"step {done}/{total}: loss {loss:.4f}, validation Dice {val:.4f}"
+        yield done, total, status
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+class FinetuneWidget(Container):
+    """Plugins > napari-sdunet > Fine-tune."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        from ..finetune import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_VAL_FRACTION
+
+        self.viewer = viewer
+        self.pairs = Container(widgets=[], labels=False)
+        self.add_pair_button = PushButton(text="Add pair")
+        self.models = ModelPicker(label="base model")
+        self.length_unit = ComboBox(label="train for", choices=["steps", "epochs"], value="steps")
+        self.length = SpinBox(label="how many", min=1, max=100_000, value=DEFAULT_STEPS)
+        self.lr = ComboBox(label="learning rate", choices=LR_CHOICES, value=DEFAULT_LR)
+        self.batch_size = SpinBox(label="batch size", min=1, max=256, value=DEFAULT_BATCH_SIZE)
+        self.trainable = ComboBox(label="train", choices=[("all weights", "all"), ("decoder only", "decoder")],
+                                  value="all")
+        self.augment = CheckBox(text="augment (flips, rotations, intensity)", value=True)
+        self.val_mode = ComboBox(label="validation", value="fraction",
+                                 choices=[("held-out fraction of frames", "fraction"), ("a chosen pair", "pair")])
+        self.val_fraction = FloatSpinBox(label="fraction", min=0.0, max=0.9, step=0.05, value=DEFAULT_VAL_FRACTION)
+        self.val_pair = SpinBox(label="pair number", min=1, max=1, value=1, visible=False)
+        self.device = device_combo()
+        self.model_name = LineEdit(label="new model name", value="",
+                             tooltip="folder name in the user models folder; empty: <base>-ft-<date-time>")
+        self.overwrite = CheckBox(text="replace a model of that name", value=False)
+        self.run_button = PushButton(text="Fine-tune")
+        self.runner = FinetuneRunner(self.run_button)
+        self.result = Label(label="result", value="")
+        super().__init__(widgets=[
+            self.pairs, self.add_pair_button, self.models, self.length_unit, self.length, self.lr,
+            self.batch_size, self.trainable, self.augment, self.val_mode, self.val_fraction, self.val_pair,
+            self.device, self.model_name, self.overwrite, self.run_button, self.runner, self.result,
+        ], labels=True)
+        from .finetune_plot import TrainingPlot
+
+        self.plot = TrainingPlot()
+        self.native.layout().addWidget(self.plot)
+        self._reports: list = []
+        self._shown = 0
+        self.last_result: Any = None
+        self.add_pair_button.changed.connect(self.add_pair)
+        self.val_mode.changed.connect(self._val_mode_changed)
+        self.add_pair()
+
+    # ---------------------------------------------------------------- pairs
+    def add_pair(self, _event: Any = None) -> PairRow:
+        row = PairRow(self.viewer, len(self.pairs) + 1)
+        row.remove_button.changed.connect(lambda _e=None, r=row: self.remove_pair(r))
+        self.pairs.append(row)
+        self._renumber()
+        return row
+
+    def remove_pair(self, row: PairRow) -> None:
+        if len(self.pairs) <= 1:
+            notify_error("Fine-tune: at least one pair is needed")
+            return
+        self.pairs.remove(row)
+        self._renumber()
+
+    def _renumber(self) -> None:
+        for i, row in enumerate(self.pairs, 1):
+            row.label = f"pair {i}"
+        self.val_pair.max = max(1, len(self.pairs))
+
+    def _val_mode_changed(self, _event: Any = None) -> None:
+        pair = self.val_mode.value == "pair"
+        self.val_pair.visible = pair
+        self.val_fraction.visible = not pair
+
+    # ---------------------------------------------------------------- running
+    def _output(self, base: str) -> str:
+        from ..zoo import user_models_dir
+
+        name = self.model_name.value.strip()
+        if not name:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            name = f"{base.rstrip('/').split('/')[-1]}-ft-{stamp}"
+        if "/" in name or "\\" in name or name.startswith(".") or name in ("", ".."):
+            raise ValueError(f"the model name {name!r} must be a plain folder name (no '/', not starting with '.')")
+        return str(user_models_dir() / name)
+
+    def run(self, _event: Any = None) -> Any:
+        """Start fine-tuning; returns the worker, or None when the input was refused (with a message)."""
+        if self.runner.running:
+            notify_error("Fine-tune: a run is in progress; wait or press Cancel")
+            return None
+        base = self.models.model
+        if base is None:
+            notify_error("Fine-tune: choose the base model (or a checkpoint folder)")
+            return None
+        try:
+            items = [row.item() for row in self.pairs]
+            val_items = None
+            if self.val_mode.value == "pair":
+                k = int(self.val_pair.value) - 1
+                if len(items) < 2:
+                    raise ValueError("validation on a chosen pair needs at least two pairs")
+                val_items = [items.pop(k)]
+            output = self._output(base)
+        except ValueError as e:
+            notify_error(f"Fine-tune: {e}")
+            return None
+        n = int(self.length.value)
+        settings = {
+            "steps": n if self.length_unit.value == "steps" else None,
+            "epochs": n if self.length_unit.value == "epochs" else None,
+            "lr": float(self.lr.value), "batch_size": int(self.batch_size.value),
+            "trainable": self.trainable.value, "augment": bool(self.augment.value),
+            "val_fraction": float(self.val_fraction.value) if val_items is None else 0.0,
+            "device": self.device.value, "overwrite": bool(self.overwrite.value),
+        }
+        self.runner.stop_event = threading.Event()
+        self._reports = []
+        self._shown = 0
+        self.plot.reset(n if settings["steps"] else 0)
+        self.result.value = ""
+        self.last_result = None
+        worker = self.runner.start(finetune_job, self.runner.stop_event, self._reports, base, items, output,
+                                   val_items, settings, on_result=self._finished)
+        if worker is not None:
+            worker.yielded.connect(self._update_plot)
+        return worker
+
+    def _update_plot(self, _item: Any = None) -> None:
+        new = self._reports[self._shown:]
+        self._shown += len(new)
+        for p in new:
+            if p.total_steps and p.total_steps != self.plot.total:
+                self.plot.total = p.total_steps
+            if p.kind == "step":
+                self.plot.add_loss(p.step, p.loss)
+            elif p.kind == "val":
+                self.plot.add_dice(p.step, p.val_dice)
+
+    def _finished(self, result: Any) -> None:
+        self._update_plot()
+        self.last_result = result
+        if result.cancelled:
+            self.runner.status.value = "cancelled: nothing was saved"
+            self.result.value = "cancelled"
+            return
+        where = "validation" if result.dice_on == "validation" else "training (no frame held out)"
+        self.result.value = (f"Dice on {result.n_val or result.n_train} {where} frame(s): "
+                             f"before {result.dice_before:.3f} → after {result.dice_after:.3f}\n"
+                             f"saved as {result.path.name} ({result.steps} steps, {result.seconds:.0f} s)")
+        self.runner.status.value = f"done: {result.path}"
+        self.refresh_model_lists()
+        events.model_saved.emit(str(result.path))
+
+    def refresh_model_lists(self) -> None:
+        """Refresh the model list of this widget and of every docked napari-sdunet widget that has one."""
+        self.models.refresh()
+        try:
+            docks = list(self.viewer.window.dock_widgets.values())
+        except (AttributeError, RuntimeError):
+            docks = []
+        for inner in docks:  # the inner widgets: magicgui Containers or QWidgets
+            widget = getattr(inner, "_magic_widget", inner)
+            picker = getattr(widget, "models", None)
+            if widget is not self and isinstance(picker, ModelPicker):
+                picker.refresh()
