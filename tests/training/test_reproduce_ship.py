@@ -44,3 +44,18 @@ def test_table_lists_paper_values():
     t = make_table("polyps", rows)
     assert "| SDU-Net | 2 | 91.00 ± 1.41 | 83.00 ± 1.41 |" in t and "80.62 ± 0.79" in t
     assert set(PAPER_TABLE2) == {"nuclei", "polyps", "liver"}
+
+
+def test_cli_fit_then_evaluate(tmp_path, capsys):
+    from training.__main__ import main
+
+    root = str(shared_data("nuclei_96").parent)
+    out = tmp_path / "run"
+    assert main(["fit", "--task", "nuclei", "--arch", "unet", "--base-filters", "8", "--data-root", root,
+                 "--limit-train", "8", "--limit-val", "4", "--limit-test", "4", "--max-steps", "2",
+                 "--batch-size", "4", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    assert main(["evaluate", str(out / "model"), "--data-root", root, "--limit-test", "4",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["n"] == 4
+    assert abs(saved["dice"] - json.loads((out / "metrics.json").read_text())["test"]["dice"]) < 1e-6
