@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CONFIG, CheckpointError, load_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGE_WEIGHTS = Path(__file__).with_name("weights")
 
