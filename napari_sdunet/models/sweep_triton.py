@@ -235,6 +235,8 @@ class _Graphed:
 
 #: Capture the loops into CUDA graphs (set False to launch the kernels eagerly, e.g. for profiling).
 USE_CUDA_GRAPHS = True
+#: Shapes whose graphs are kept (each holds its own static buffers); the oldest is dropped beyond this.
+MAX_GRAPHS = 8
 _GRAPHS: dict[tuple, _Graphed | None] = {}
 
 
@@ -244,6 +246,8 @@ def _runner(plan: _Plan, dtype: torch.dtype, dot_dtype: torch.dtype):
         return plan
     key = (plan.T, plan.B, plan.L, plan.S, dtype, dot_dtype, plan.device)
     if key not in _GRAPHS:
+        while len(_GRAPHS) >= MAX_GRAPHS:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
         try:
             _GRAPHS[key] = _Graphed(plan, dtype)
         except Exception as err:  # capture can fail (e.g. inside another capture): run eagerly
@@ -265,6 +269,11 @@ class TritonSweep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lines, w_in, b_in, w_h, b_h, dot_dtype):  # noqa: D102
+        with torch.autocast(lines.device.type, enabled=False):
+            return TritonSweep._forward(ctx, lines, w_in, b_in, w_h, b_h, dot_dtype)
+
+    @staticmethod
+    def _forward(ctx, lines, w_in, b_in, w_h, b_h, dot_dtype):
         x = lines.contiguous()
         T, B, L, S = x.shape
         out = x.new_zeros(T, B, L + 2, S)
@@ -279,6 +288,7 @@ class TritonSweep(torch.autograd.Function):
         runner = _runner(plan, x.dtype, dot_dtype)
         _eager_forward(runner, x, w_in, b_in, prior, out, gates)
         ctx.runner = runner
+        ctx.lp = None if dot_dtype == torch.float32 else dot_dtype
         ctx.save_for_backward(x, w_in, w_h, out, gates, prior)
         return out[:, :, 1:-1]
 
@@ -288,8 +298,12 @@ class TritonSweep(torch.autograd.Function):
         if ctx.trivial:
             return grad, None, None, None, None, None
         x, w_in, w_h, out, gates, prior = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return TritonSweep._backward(ctx, grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior)
+
+    @staticmethod
+    def _backward(ctx, grad, x, w_in, w_h, out, gates, prior):
         T, B, L, S = x.shape
-        grad = grad.contiguous()
         dapad = x.new_zeros(T - 1, B, L + 2, 3 * S)
         dc = x.new_empty(T - 1, B, L, 3 * S)
         dx = torch.empty_like(x)
@@ -301,7 +315,7 @@ class TritonSweep(torch.autograd.Function):
             runner.backward_loop(grad, x, w_in, prior, gates, dapad, dc, dx, dupad)
         du3 = dupad.view(B, L + 2, 3 * S)
         dx[0] = grad[0] + du3[:, 2:L + 2, :S] + du3[:, 1:L + 1, S:2 * S] + du3[:, 0:L, 2 * S:]
-        return (*backward_tail(dx, dapad, dc, x, w_h, out, ctx.needs_input_grad[:5]), None)
+        return (*backward_tail(dx, dapad, dc, x, w_h, out, ctx.needs_input_grad[:5], ctx.lp), None)
 
 
 def sweep_triton(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
@@ -310,25 +324,32 @@ def sweep_triton(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_
     if lines.shape[0] == 0:
         return lines.clone()
     if not _runnable(lines):
-        raise RuntimeError("the Triton sweep needs a CUDA float32 tensor (or CPU float32 with TRITON_INTERPRET=1)")
-    w_in, b_in, w_h, b_h = (w.to(lines.dtype) for w in (w_in, b_in, w_h, b_h))
-    dot_dtype = dot_dtype or (torch.float32 if lines.dtype == torch.float32 else lines.dtype)
-    return TritonSweep.apply(lines, w_in, b_in, w_h, b_h, dot_dtype)
+        raise RuntimeError("the Triton sweep needs a CUDA tensor (or a CPU one with TRITON_INTERPRET=1)")
+    # state, gates and biases in fp32; half inputs (autocast) give half GEMM operands
+    dot_dtype = dot_dtype or lines.dtype
+    x = lines.float()
+    w_in, b_in, w_h, b_h = (w.float() for w in (w_in, b_in, w_h, b_h))
+    return TritonSweep.apply(x, w_in, b_in, w_h, b_h, dot_dtype).to(lines.dtype)
 
 
-def sweep_triton_bf16(lines, w_in, b_in, w_h, b_h):
+def sweep_triton_bf16(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
+                      b_h: torch.Tensor) -> torch.Tensor:
     """Mixed precision: bf16 GEMM operands, fp32 accumulation, state and gates."""
     return sweep_triton(lines, w_in, b_in, w_h, b_h, dot_dtype=torch.bfloat16)
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _runnable(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu"))
+    return x.dtype in _FLOATS and (x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu"))
 
 
-def _cuda_float32(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and x.dtype == torch.float32
+def _cuda_float(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and x.dtype in _FLOATS
 
 
-# "auto" picks the fused kernels for CUDA float32; on CPU they only run under the interpreter (tests)
-register_sweep("triton", sweep_triton, available=_cuda_float32, priority=0)
-register_sweep("triton_bf16", sweep_triton_bf16, available=_cuda_float32)
+# "auto" picks the fused kernels for CUDA tensors (fp32 exact; bf16/fp16 under autocast use half GEMM
+# operands); on CPU they only run under the interpreter (tests)
+register_sweep("triton", sweep_triton, available=_cuda_float, priority=0)
+register_sweep("triton_bf16", sweep_triton_bf16, available=_cuda_float)
