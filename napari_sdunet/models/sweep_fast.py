@@ -73,11 +73,10 @@ def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch
         rz, r, z, n = g[..., :S2], g[..., :S], g[..., S:S2], g[..., S2:]
         torch.add(a3[..., :S2], c[..., :S2], out=rz)
         rz.sigmoid_()
-        torch.mul(r, c[..., S2:], out=n)
-        n.add_(a3[..., S2:]).tanh_()
+        torch.addcmul(a3[..., S2:], r, c[..., S2:], out=n)
+        n.tanh_()
         torch.sub(n, h, out=tmp)
-        tmp.mul_(z)
-        torch.add(h, tmp, out=out[t, :, 1:L + 1])  # s = h + z (n - h)
+        torch.addcmul(h, z, tmp, out=out[t, :, 1:L + 1])  # s = h + z (n - h)
     return out, (gates if keep else None), (prior if keep else None)
 
 
@@ -94,33 +93,30 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
     da_lp = None if lp is None else x.new_empty(B * (L + 2), S3, dtype=lp)
     w_in_lp = w_in if lp is None else w_in.to(lp)
     du3 = dupad.view(B, L + 2, S3)
-    carry = x.new_zeros(B, L, S)  # gradient reaching the previous line through the taps
-    g = x.new_empty(B, L, S)
+    # step-independent factors of the gate derivatives, in a few whole-tensor ops (not per step):
+    # P = [1 - n^2, (n - h) z (1 - z), c_n r (1 - r)]
+    r_all, z_all, n_all = gates[..., :S], gates[..., S:S2], gates[..., S2:]
+    p = x.new_empty(T - 1, B, L, S3)
+    p1, p2, p3 = p[..., :S], p[..., S:S2], p[..., S2:]
+    torch.mul(n_all, n_all, out=p1)
+    p1.neg_().add_(1)
+    torch.sub(n_all, x[1:], out=p2)
+    p2.mul_(torch.addcmul(z_all, z_all, z_all, value=-1))
+    torch.addcmul(r_all, r_all, r_all, value=-1, out=p3)
+    p3.mul_(prior[..., S2:])
+    g = grad[T - 1].clone()  # total gradient of the current line (output + through the next line's taps)
     t1 = x.new_empty(B, L, S)
-    t2 = x.new_empty(B, L, S)
     for t in range(T - 1, 0, -1):
-        torch.add(grad[t], carry, out=g)
-        gt = gates[t - 1]
-        r, z, n = gt[..., :S], gt[..., S:S2], gt[..., S2:]
-        c_n = prior[t - 1][..., S2:]
-        h = x[t]
+        r, z = gates[t - 1][..., :S], gates[t - 1][..., S:S2]
+        pt = p[t - 1]
         da = dapad[t - 1][:, 1:L + 1]
         da_r, da_z, da_n = da[..., :S], da[..., S:S2], da[..., S2:]
         dct = dc[t - 1]
         torch.mul(g, z, out=t1)  # dn = g z
         torch.sub(g, t1, out=dx[t])  # direct path: g (1 - z)
-        torch.mul(n, n, out=t2)
-        t2.mul_(t1)
-        torch.sub(t1, t2, out=da_n)  # dn (1 - n^2)
-        torch.sub(n, h, out=t1)
-        t1.mul_(g)  # dz = g (n - h)
-        torch.mul(z, z, out=t2)
-        torch.sub(z, t2, out=t2)
-        torch.mul(t1, t2, out=da_z)  # dz z (1 - z)
-        torch.mul(da_n, c_n, out=t1)  # dr
-        torch.mul(r, r, out=t2)
-        torch.sub(r, t2, out=t2)
-        torch.mul(t1, t2, out=da_r)  # dr r (1 - r)
+        torch.mul(t1, pt[..., :S], out=da_n)  # dn (1 - n^2)
+        torch.mul(g, pt[..., S:S2], out=da_z)  # g (n - h) z (1 - z)
+        torch.mul(da_n, pt[..., S2:], out=da_r)  # da_n c_n r (1 - r)
         dct[..., :S2].copy_(da[..., :S2])
         torch.mul(da_n, r, out=dct[..., S2:])
         # gradient to the previous line: dU = dA W_in, then tap k of row i lands on row i + k - 1
@@ -128,9 +124,9 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
         if lp is not None:
             da_rows = da_lp.copy_(da_rows)
         torch.mm(da_rows, w_in_lp, out=dupad)
-        torch.add(du3[:, 2:L + 2, :S], du3[:, 1:L + 1, S:S2], out=carry)
-        carry.add_(du3[:, 0:L, S2:])
-    torch.add(grad[0], carry, out=dx[0])
+        torch.add(grad[t - 1], du3[:, 2:L + 2, :S], out=g)
+        g.add_(du3[:, 1:L + 1, S:S2]).add_(du3[:, 0:L, S2:])
+    dx[0] = g
     return backward_tail(dx, dapad, dc, x, w_h, out, need, lp)
 
 
