@@ -237,6 +237,7 @@ class FinetuneWidget(Container):
     def _renumber(self) -> None:
         for i, row in enumerate(self.pairs, 1):
             row.label = f"pair {i}"
+            row.remove_button.text = f"Remove pair {i}"
         self.val_pair.max = max(1, len(self.pairs))
 
     def _val_mode_changed(self, _event: Any = None) -> None:
@@ -317,9 +318,11 @@ class FinetuneWidget(Container):
             self.result.value = "cancelled"
             return
         where = "validation" if result.dice_on == "validation" else "training (no frame held out)"
+        verdict = ("" if result.dice_after > result.dice_before else
+                   "\nno gain: try more labelled frames, more steps or another learning rate")
         self.result.value = (f"Dice on {result.n_val or result.n_train} {where} frame(s): "
                              f"before {result.dice_before:.3f} → after {result.dice_after:.3f}\n"
-                             f"saved as {result.path.name} ({result.steps} steps, {result.seconds:.0f} s)")
+                             f"saved as {result.path.name} ({result.steps} steps, {result.seconds:.0f} s){verdict}")
         self.runner.status.value = f"done: {result.path}"
         self.refresh_model_lists()
         events.model_saved.emit(str(result.path))
