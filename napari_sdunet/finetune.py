@@ -384,62 +384,63 @@ def finetune(
     if should_stop is not None and should_stop():
         return FinetuneResult(None, math.nan, math.nan, dice_on, len(train_frames), len(val_frames), 0, 0.0,
                               time.perf_counter() - t_start, True)
-    status(f"measuring Dice before fine-tuning on {len(measure_set)} {dice_on} frame(s)")
-    net.to(dev)
-    eval_bs = max(1, min(8, batch_size * 2))
-    dice_before = evaluate_dice(net, measure_set, eval_bs, dev)
-    n_total = steps if steps is not None else epochs * max(1, math.ceil(len(train_set) / batch_size))
-    if on_progress is not None:
-        on_progress(Progress("val", 0, n_total, 0, val_dice=dice_before, best_val_dice=dice_before))
+    try:
+        status(f"measuring Dice before fine-tuning on {len(measure_set)} {dice_on} frame(s)")
+        net.to(dev)
+        eval_bs = max(1, min(8, batch_size * 2))
+        dice_before = evaluate_dice(net, measure_set, eval_bs, dev)
+        n_total = steps if steps is not None else epochs * max(1, math.ceil(len(train_set) / batch_size))
+        if on_progress is not None:
+            on_progress(Progress("val", 0, n_total, 0, val_dice=dice_before, best_val_dice=dice_before))
 
-    steps_per_epoch = max(1, len(train_set) // batch_size if len(train_set) > batch_size else 1)
-    total = min(steps or 10**9, (epochs or 10**9) * steps_per_epoch)
-    val_every = max(1, min(steps_per_epoch, math.ceil(total / 20))) if val_set is not None else 0
-    cfg = FitConfig(epochs=epochs or math.ceil(total / steps_per_epoch), max_steps=steps, lr=lr,
-                    batch_size=batch_size, val_every=val_every or steps_per_epoch, patience=None,
-                    seed=seed, trainable=trainable)
-    status(f"fine-tuning for {total} steps on {dev}")
-    fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
-                  on_progress=on_progress, should_stop=should_stop)
-    if fit_res.cancelled:
+        steps_per_epoch = max(1, len(train_set) // batch_size if len(train_set) > batch_size else 1)
+        total = min(steps or 10**9, (epochs or 10**9) * steps_per_epoch)
+        val_every = max(1, min(steps_per_epoch, math.ceil(total / 20))) if val_set is not None else 0
+        cfg = FitConfig(epochs=epochs or math.ceil(total / steps_per_epoch), max_steps=steps, lr=lr,
+                        batch_size=batch_size, val_every=val_every or steps_per_epoch, patience=None,
+                        seed=seed, trainable=trainable)
+        status(f"fine-tuning for {total} steps on {dev}")
+        fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
+                      on_progress=on_progress, should_stop=should_stop)
+        if fit_res.cancelled:
+            return FinetuneResult(None, dice_before, math.nan, dice_on, len(train_frames), len(val_frames),
+                                  fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, True, fit_res.history)
+        status("measuring Dice after fine-tuning")
+        net.to(dev)
+        dice_after = evaluate_dice(net, measure_set, eval_bs, dev)
+
+        per_source: dict[str, list[int]] = {}
+        for f in train_frames + val_frames:
+            per_source.setdefault(f.source, []).append(f.index)
+        info = {
+            "base_model": base_folder.name,
+            "base_folder": str(base_folder),
+            "base_weights_sha256": (config.get("weights") or {}).get("sha256"),
+            "data": [{"name": k, "frames": _frames_text(sorted(v))} for k, v in per_source.items()],
+            "n_train": len(train_frames),
+            "n_val": len(val_frames),
+            "val_frames": [f"{f.source}[{f.index}]" for f in val_frames],
+            "steps": fit_res.steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "trainable": trainable,
+            "augment": augment,
+            "device": str(dev),
+            "seconds": round(fit_res.seconds, 2),
+            "dice_on": dice_on,
+            "dice_before": dice_before,
+            "dice_after": dice_after,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        status(f"saving to {output}")
+        name = name or output.name
+        card = model_card(name, base_folder.name, info, config.get("task"))
+        net.to("cpu")
+        path = save_checkpoint(net, output, task=config.get("task"), preprocessing=config.get("preprocessing"),
+                               extra={"finetune": info}, card=card)
+        return FinetuneResult(path, dice_before, dice_after, dice_on, len(train_frames), len(val_frames),
+                              fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, False, fit_res.history)
+    finally:  # free the accelerator's memory whatever happened
+        net.to("cpu")
         del net
         _free(dev)
-        return FinetuneResult(None, dice_before, math.nan, dice_on, len(train_frames), len(val_frames),
-                              fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, True, fit_res.history)
-    status("measuring Dice after fine-tuning")
-    net.to(dev)
-    dice_after = evaluate_dice(net, measure_set, eval_bs, dev)
-
-    per_source: dict[str, list[int]] = {}
-    for f in train_frames + val_frames:
-        per_source.setdefault(f.source, []).append(f.index)
-    info = {
-        "base_model": base_folder.name,
-        "base_folder": str(base_folder),
-        "base_weights_sha256": (config.get("weights") or {}).get("sha256"),
-        "data": [{"name": k, "frames": _frames_text(sorted(v))} for k, v in per_source.items()],
-        "n_train": len(train_frames),
-        "n_val": len(val_frames),
-        "val_frames": [f"{f.source}[{f.index}]" for f in val_frames],
-        "steps": fit_res.steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "trainable": trainable,
-        "augment": augment,
-        "device": str(dev),
-        "seconds": round(fit_res.seconds, 2),
-        "dice_on": dice_on,
-        "dice_before": dice_before,
-        "dice_after": dice_after,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    status(f"saving to {output}")
-    name = name or output.name
-    card = model_card(name, base_folder.name, info, config.get("task"))
-    net.to("cpu")
-    path = save_checkpoint(net, output, task=config.get("task"), preprocessing=config.get("preprocessing"),
-                           extra={"finetune": info}, card=card)
-    del net
-    _free(dev)
-    return FinetuneResult(path, dice_before, dice_after, dice_on, len(train_frames), len(val_frames),
-                          fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, False, fit_res.history)
