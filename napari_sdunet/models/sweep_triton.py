@@ -153,6 +153,10 @@ class _Plan:
         self.ieee = dot_dtype == torch.float32
         small = INTERPRET or S <= 32
         self.bm, self.bn, self.bk = (16, 16, 16) if small else (64, 32, 32)
+        # a step is latency-bound: prefer smaller row blocks until the grid covers the GPU
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        while self.bm > 16 and triton.cdiv(self.M, self.bm) * triton.cdiv(S, self.bn) < sms:
+            self.bm //= 2
         self.grid = (triton.cdiv(self.M, self.bm), triton.cdiv(S, self.bn))
         self.device = device
 
