@@ -234,3 +234,19 @@ def test_decoder_only_keeps_the_encoder(tmp_path, base_model):
     params = [k for k, _ in load_checkpoint(base_model)[0].named_parameters()]  # BN statistics may move
     assert all(torch.equal(tuned[k], base[k]) for k in params if k.split(".")[0] in ("downs", "inc"))
     assert any(not torch.equal(tuned[k], base[k]) for k in params if k.split(".")[0] in ("ups", "head"))
+
+
+def test_nifti_volume_pairs_use_their_labelled_slices(tmp_path):
+    """A CT volume + liver mask from folders: the slices with liver are the training frames."""
+    sample = __import__("tests.conftest", fromlist=["REPO"]).REPO / "sample_data"
+    if not (sample / "ct_image.nii.gz").is_file():
+        pytest.skip("needs sample_data/ct_image.nii.gz")
+    (tmp_path / "im").mkdir()
+    (tmp_path / "ma").mkdir()
+    (tmp_path / "im" / "ct.nii.gz").symlink_to(sample / "ct_image.nii.gz")
+    (tmp_path / "ma" / "ct.nii.gz").symlink_to(sample / "ct_liver_mask.nii.gz")
+    (item,) = pairs_from_folders(tmp_path / "im", tmp_path / "ma")
+    assert item.axes == "ZYX" and item.image.shape == item.labels.shape
+    frames = labelled_frames(item)
+    with_liver = [k for k in range(item.labels.shape[0]) if item.labels[k].any()]
+    assert [f.index for f in frames] == with_liver and len(frames) > 0
