@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def _spec_kwargs(a: argparse.Namespace) -> dict:
 def cmd_fit(a: argparse.Namespace) -> int:
     from .runner import RunSpec, run_fit
 
-    spec = RunSpec(arch=a.arch, out=a.out, seed=a.seed, init_from=a.init_from, **_spec_kwargs(a))
+    gate = None if math.isnan(a.warm_gate_bias) else a.warm_gate_bias
+    spec = RunSpec(arch=a.arch, out=a.out, seed=a.seed, init_from=a.init_from, warm_gate_bias=gate, **_spec_kwargs(a))
     rec = run_fit(spec, progress=not a.no_progress)
     if rec is None:  # a DDP rank other than 0
         print(f"rank {os.environ.get('RANK')} finished")
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run folder (model/, log.csv, metrics.json, state/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", help="checkpoint folder to warm-start from (e.g. a U-Net for an SDU-Net)")
+    p.add_argument("--warm-gate-bias", type=float, default=3.0,
+                   help="after a warm start, open the ResSDN gates towards the copied conv (bias; nan: off)")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("evaluate", help="test a model folder or shipped model on a task's test split")
     p.add_argument("model", help="shipped model name (e.g. sdunet-nuclei) or checkpoint folder")

@@ -53,6 +53,7 @@ class RunSpec:
     threads: int | None = None
     device: str = "auto"
     time_budget_s: float | None = None  # stop training (keeping the best weights) after this long
+    warm_gate_bias: float | None = 3.0  # see warm_start; None: leave the ResSDN gates as initialised
 
 
 def git_commit() -> str:
@@ -71,11 +72,13 @@ def preprocessing_for(task: str, input_size: list[int] | None) -> dict[str, Any]
     return prep
 
 
-def warm_start(model: torch.nn.Module, folder: str) -> dict[str, int]:
+def warm_start(model: torch.nn.Module, folder: str, gate_bias: float | None = 3.0) -> dict[str, Any]:
     """Copy every tensor of a checkpoint whose name and shape fit ``model``.
 
     A plain VGG block's second conv ``...3.weight`` maps onto a ResSDN block's parallel conv
     ``...3.cnn.weight``: U-Net -> SDU-Net and U-Net++ -> SDNU-Net transfer everything but the SDN paths.
+    ``gate_bias``: open every ResSDN gate towards the copied conv (gate weights 0, bias ``gate_bias``,
+    sigmoid(3) = 0.95), so the SD network starts as the baseline and learns how much SDN to mix in.
     """
     src, _ = load_checkpoint(folder)
     sstate = src.state_dict()
@@ -89,7 +92,19 @@ def warm_start(model: torch.nn.Module, folder: str) -> dict[str, int]:
             new[k] = cand.to(v.dtype)
             copied += 1
     model.load_state_dict(new, strict=False)
-    return {"copied": copied, "total": len(own)}
+    gates = 0
+    if gate_bias is not None:
+        from napari_sdunet.models import ResSDN
+
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, ResSDN):
+                    out = m.sdn.project_out
+                    half = out.out_channels // 2
+                    out.weight[half:].zero_()
+                    out.bias[half:].fill_(gate_bias)
+                    gates += 1
+    return {"copied": copied, "total": len(own), "gate_bias": gate_bias, "gates_opened": gates}
 
 
 def _csv_logger(path: Path):
@@ -149,7 +164,7 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
         train.augment = Augment(spec.augment, seed=spec.seed)
     torch.manual_seed(spec.seed)
     model = create_model(spec.arch, spec.task, **spec.model_overrides)
-    warm = warm_start(model, spec.init_from) if spec.init_from else None
+    warm = warm_start(model, spec.init_from, spec.warm_gate_bias) if spec.init_from else None
     cfg = FitConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr or t_task["lr"],
                     batch_size=spec.batch_size or t_task["batch_size"], patience=spec.patience,
                     val_every=spec.val_every, seed=spec.seed, lr_schedule=spec.lr_schedule)

@@ -66,6 +66,12 @@ def test_warm_start_maps_unet_onto_sdunet(tmp_path):
     key = next(k for k in sd.state_dict() if k.endswith(".cnn.weight"))
     assert torch.equal(sd.state_dict()[key], unet.state_dict()[key.replace(".cnn.", ".")])
     assert torch.equal(sd.state_dict()["head.weight"], unet.state_dict()["head.weight"])
+    # with the ResSDN gates opened towards the copied conv, the SD network starts as the U-Net
+    assert info["gates_opened"] == 6
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (torch.sigmoid(unet.eval()(x)) - torch.sigmoid(sd.eval()(x))).abs().max()
+    assert diff < 0.02
 
 
 def test_augment_moves_image_and_mask_together():
