@@ -15,9 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
 from napari_sdunet.zoo import PACKAGE_WEIGHTS
 
+from .datasets import load_split
+from .evaluate import predict_probs
 from .runner import test_model
 
 DATA_TERMS = {
@@ -78,9 +82,12 @@ def model_card(name: str, task: str, config: dict[str, Any], metrics: dict[str, 
         f"- trained {fit.get('steps')} steps ({fit.get('seconds')} s) on {tr.get('hardware')}; best validation "
         f"Dice {fit.get('best_val_dice', float('nan')):.4f} at step {fit.get('best_step')}; "
         f"time budget {spec.get('time_budget_s')} s",
-        "", "## Test metrics (shipped fp16 weights, measured by training/evaluate.py)",
+        "", f"## Test metrics (measured by training/evaluate.py on the {metrics.get('measured_on')})",
         *metrics_lines(task, metrics),
-        f"- test-time flips: {'yes' if metrics.get('flip_tta') else 'no'}", "",
+        f"- test-time flips: {'yes' if metrics.get('flip_tta') else 'no'}",
+        *([f"- fp16 storage: max |Δp| {metrics['fp16_check']['max_abs_prob_diff']:.2e}, "
+           f"{100 * metrics['fp16_check']['mask_pixels_changed']:.4f} % of mask pixels change (8 images)"]
+          if "fp16_check" in metrics else []), "",
         "## Provenance", f"- command: `{command}`", f"- commit: {tr.get('commit')}",
     ]
     if note:
@@ -88,20 +95,44 @@ def model_card(name: str, task: str, config: dict[str, Any], metrics: dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def fp16_drift(fp32: torch.nn.Module, fp16: torch.nn.Module, images: torch.Tensor,
+               model_size: list[int]) -> dict[str, float]:
+    """How much storing the weights in fp16 changes the output: max |p32 - p16| and mask disagreement."""
+    p32 = predict_probs(fp32, images, model_size)
+    p16 = predict_probs(fp16, images, model_size)
+    return {"max_abs_prob_diff": float((p32 - p16).abs().max()),
+            "mask_pixels_changed": float(((p32 > 0.5) != (p16 > 0.5)).float().mean())}
+
+
 def ship(run: str | Path, name: str | None = None, note: str = "", flip_tta: bool = False,
-         data_root: str | None = None, dest: Path = PACKAGE_WEIGHTS) -> Path:
+         data_root: str | None = None, dest: Path = PACKAGE_WEIGHTS, reuse_metrics: bool = False) -> Path:
+    """Write the run's model as ``dest/<name>`` (fp16) with config and card; see the module docstring.
+
+    ``reuse_metrics``: put the run's own test metrics (fp32 weights) in the card instead of testing the
+    fp16 weights again, and record how much fp16 changes the output on 8 test images (cheap on a CPU).
+    """
     run = Path(run)
     rec = json.loads((run / "metrics.json").read_text())
     model, config = load_checkpoint(run / "model")
     task = config["task"]
     name = name or f"{config['arch']}-{task}"
     spec = rec["spec"]
+    size = config["preprocessing"]["input_size"]
     cmd = "python -m training fit " + " ".join(_cli_args(spec))
     folder = save_checkpoint(model, dest / name, task=task, preprocessing=config["preprocessing"], half=True,
                              extra={"name": name, "training": config.get("training", {})})
     shipped, _ = load_checkpoint(folder)
-    metrics = test_model(shipped, task, config["preprocessing"]["input_size"], data_root or spec.get("data_root"),
-                         spec.get("test_source"), flip_tta, spec.get("limit_test"))
+    root = data_root or spec.get("data_root")
+    if reuse_metrics:
+        metrics = dict(rec["test"], measured_on="fp32 weights of the run (training/runner.py)")
+        if task == "liver":
+            probe = load_split("liver", "val", data_root=root, limit=8).images
+        else:
+            probe = load_split(task, "test", source=spec.get("source"), data_root=root, limit=8).images
+        metrics["fp16_check"] = fp16_drift(model, shipped, probe, size)
+    else:
+        metrics = test_model(shipped, task, size, root, spec.get("test_source"), flip_tta, spec.get("limit_test"))
+        metrics["measured_on"] = "shipped fp16 weights"
     config = dict(config, training=config.get("training", {}))
     card = model_card(name, task, config, metrics, cmd, note)
     return save_checkpoint(shipped, folder, task=task, preprocessing=config["preprocessing"], half=True,
@@ -138,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="text for the card's Notes section")
     ap.add_argument("--flip-tta", action="store_true", help="measure the card's metrics with test-time flips")
     ap.add_argument("--data-root")
+    ap.add_argument("--reuse-metrics", action="store_true",
+                    help="card metrics from the run (fp32) + an fp16 drift check, instead of a full re-test")
     a = ap.parse_args(argv)
-    folder = ship(a.run, a.name, a.note, a.flip_tta, a.data_root)
+    folder = ship(a.run, a.name, a.note, a.flip_tta, a.data_root, reuse_metrics=a.reuse_metrics)
     print(folder)
     print((folder / "README.md").read_text())
     return 0

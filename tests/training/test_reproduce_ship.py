@@ -36,6 +36,11 @@ def test_reproduce_table_plot_and_ship(tmp_path):
     assert "per-image Dice" in card and "python -m training fit" in card and "CC0" in card
     run_dice = json.loads((out / "unet/run0/metrics.json").read_text())["test"]["dice"]
     assert abs(config["metrics"]["dice"] - run_dice) < 0.02  # fp16 weights score like the fp32 run
+    cheap = ship(out / "unet" / "run1", name="unet-nuclei-2", data_root=str(root), dest=tmp_path / "weights",
+                 reuse_metrics=True)
+    _, cfg2 = load_checkpoint(cheap)
+    assert cfg2["metrics"]["fp16_check"]["max_abs_prob_diff"] < 0.01
+    assert "fp16 storage" in (cheap / "README.md").read_text()
 
 
 def test_table_lists_paper_values():
