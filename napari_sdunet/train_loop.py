@@ -43,6 +43,7 @@ class FitConfig:
     lr_schedule: str = "constant"  # "constant" or "cosine"
     grad_clip: float | None = None
     val_flip_tta: bool = False
+    validate_on_stop: bool = False  # when cancelled, validate the last steps before keeping the best weights
 
 
 @dataclass
@@ -260,7 +261,31 @@ def fit(
                 step=step, best_dice=best_dice, best_step=best_step, checks_since_best=checks_since_best,
                 history=history, config=asdict(cfg)))
 
-    running = []
+    running: list[float] = []
+
+    def validate(epoch: int) -> None:
+        nonlocal best_dice, best_step, checks_since_best, best_state
+        mean_loss = float(np.mean(running)) if running else math.nan
+        running.clear()
+        if val_set is not None and len(val_set):
+            vd = evaluate_dice(model, val_set, cfg.batch_size, dev, cfg.val_flip_tta) if rank == 0 else 0.0
+            if world > 1:  # every rank must take the same early-stopping decision
+                t = torch.tensor([vd], device=dev if dev.type == "cuda" else "cpu")
+                torch.distributed.broadcast(t, 0)
+                vd = float(t)
+        else:
+            vd = math.nan
+        improved = val_set is None or not len(val_set) or vd > best_dice
+        if improved:
+            best_dice, best_step, checks_since_best = (vd if not math.isnan(vd) else best_dice), step, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            checks_since_best += 1
+        history.append({"step": step, "epoch": epoch, "loss": mean_loss, "val_dice": vd,
+                        "seconds": time.perf_counter() - t0})
+        report(Progress("val", step, total, epoch, loss=mean_loss, val_dice=vd, best_val_dice=best_dice,
+                        seconds=time.perf_counter() - t0))
+
     while step < total and not (cancelled or stopped_early):
         epoch = step // steps_per_epoch
         if sampler is not None:
@@ -291,32 +316,15 @@ def fit(
             report(Progress("step", step, total, epoch, loss=running[-1], best_val_dice=best_dice,
                             seconds=time.perf_counter() - t0))
             if step % val_every == 0 or step == total:
-                mean_loss = float(np.mean(running))
-                running.clear()
-                if val_set is not None and len(val_set):
-                    vd = evaluate_dice(model, val_set, cfg.batch_size, dev, cfg.val_flip_tta) if rank == 0 else 0.0
-                    if world > 1:  # every rank must take the same early-stopping decision
-                        t = torch.tensor([vd], device=dev if dev.type == "cuda" else "cpu")
-                        torch.distributed.broadcast(t, 0)
-                        vd = float(t)
-                else:
-                    vd = math.nan
-                improved = val_set is None or not len(val_set) or vd > best_dice
-                if improved:
-                    best_dice, best_step, checks_since_best = (vd if not math.isnan(vd) else best_dice), step, 0
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                else:
-                    checks_since_best += 1
-                history.append({"step": step, "epoch": epoch, "loss": mean_loss, "val_dice": vd,
-                                "seconds": time.perf_counter() - t0})
-                report(Progress("val", step, total, epoch, loss=mean_loss, val_dice=vd, best_val_dice=best_dice,
-                                seconds=time.perf_counter() - t0))
+                validate(epoch)
                 if cfg.patience is not None and checks_since_best >= cfg.patience:
                     stopped_early = True
             if step % state_every == 0:
                 checkpoint_state()
             if step >= total or stopped_early:
                 break
+    if cancelled and cfg.validate_on_stop and running:  # steps since the last validation
+        validate(step // steps_per_epoch)
     checkpoint_state()
     model.load_state_dict(best_state)
     model.eval()

@@ -167,7 +167,8 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
     warm = warm_start(model, spec.init_from, spec.warm_gate_bias) if spec.init_from else None
     cfg = FitConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr or t_task["lr"],
                     batch_size=spec.batch_size or t_task["batch_size"], patience=spec.patience,
-                    val_every=spec.val_every, seed=spec.seed, lr_schedule=spec.lr_schedule)
+                    val_every=spec.val_every, seed=spec.seed, lr_schedule=spec.lr_schedule,
+                    validate_on_stop=True)
     f, writer = _csv_logger(out / "log.csv") if rank == 0 else (None, None)
     bar = tqdm(total=None, desc=f"{spec.arch}-{spec.task}", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)

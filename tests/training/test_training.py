@@ -83,3 +83,23 @@ def test_augment_moves_image_and_mask_together():
         assert torch.equal((xa[:1] > 0.5).float(), ya)
     xi, yi = Augment(["intensity"], seed=2)(x, y)
     assert torch.equal(yi, y) and not torch.equal(xi, x) and 0 <= xi.min() and xi.max() <= 1
+
+
+def test_validate_on_stop_scores_the_last_steps():
+    train = _nuclei("train", 8)
+    val = _nuclei("val", 4)
+
+    def run(flag):
+        calls = {"n": 0}
+
+        def stop():
+            calls["n"] += 1
+            return calls["n"] > 3
+
+        model = create_model("unet", "nuclei", base_filters=8, depth=2)
+        cfg = FitConfig(epochs=50, lr=3e-3, batch_size=4, val_every=100, patience=None, validate_on_stop=flag)
+        return fit(model, train, val, cfg, device="cpu", should_stop=stop)
+
+    with_val, without = run(True), run(False)
+    assert with_val.cancelled and [h["step"] for h in with_val.history] == [3] and with_val.best_step == 3
+    assert without.history == [] and without.best_step == 0
