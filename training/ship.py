@@ -147,6 +147,7 @@ def _cli_args(spec: dict[str, Any]) -> list[str]:
     simple = {"source": "--source", "epochs": "--epochs", "max_steps": "--max-steps", "lr": "--lr",
               "batch_size": "--batch-size", "patience": "--patience", "val_every": "--val-every", "seed": "--seed",
               "init_from": "--init-from", "limit_train": "--limit-train", "limit_val": "--limit-val",
+              "limit_test": "--limit-test", "test_source": "--test-source", "data_root": "--data-root",
               "threads": "--threads"}
     for k, flag in simple.items():
         if spec.get(k) is not None and spec.get(k) != "":
