@@ -37,6 +37,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tenso
     return (a.to(lp) @ b.to(lp)).to(a.dtype)
 
 
+def _padded(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uninitialised buffer of ``shape`` (..., L+2, F) whose first and last rows are zero (the line ends)."""
+    buf = x.new_empty(shape)
+    buf[..., 0, :].zero_()
+    buf[..., -1, :].zero_()
+    return buf
+
+
 def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor, b_h: torch.Tensor,
              keep: bool, lp: torch.dtype | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -47,7 +55,7 @@ def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch
     GEMM operands; state, gates and biases stay in x's dtype.
     """
     T, B, L, S = x.shape
-    out = x.new_zeros(T, B, L + 2, S)
+    out = _padded(x, (T, B, L + 2, S))
     out[0, :, 1:L + 1] = x[0]
     if T == 1:
         return out, None, None
@@ -87,7 +95,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
     S2, S3 = 2 * S, 3 * S
     dx = torch.empty_like(x)
     # dA in padded rows (zeros at the line ends) so the batch is one matrix for the GEMMs
-    dapad = x.new_zeros(T - 1, B, L + 2, S3)
+    dapad = _padded(x, (T - 1, B, L + 2, S3))
     dc = x.new_empty(T - 1, B, L, S3)
     dupad = x.new_empty(B * (L + 2), S3, dtype=lp or x.dtype)
     da_lp = None if lp is None else x.new_empty(B * (L + 2), S3, dtype=lp)
