@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
     ap.add_argument("--trainable", choices=["all", "decoder"], default="all")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
+    ap.add_argument("--update-bn", dest="freeze_bn", action="store_false",
+                    help="let BatchNorm statistics follow the fine-tuning frames (default: keep the base's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--train-base", type=int, default=0, metavar="STEPS",
                     help="no shipped model: train a base this many steps on the training split first")
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "finetuned"
     wall0, cpu0 = time.perf_counter(), time.process_time()
     res = finetune(base, (tune_img, tune_mask), out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                   trainable=args.trainable, augment=args.augment, val_fraction=args.val_fraction, device="cpu",
+                   trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
+                   val_fraction=args.val_fraction, device="cpu",
                    on_status=lambda s: print(f"  {s}", flush=True))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     after = evaluate(str(out), eval_img, eval_mask)
@@ -186,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\nthe same with the CLI:")
     print(f"  napari-sdunet evaluate --model {base} --images {eval_img} --masks {eval_mask} --device cpu -q")
     print(f"  napari-sdunet finetune --model {base} --images {tune_img} --masks {tune_mask} --output {out} "
-          f"--steps {args.steps} --lr {args.lr:g} --batch-size {args.batch_size} --device cpu")
+          f"--steps {args.steps} --lr {args.lr:g} --batch-size {args.batch_size} --device cpu"
+          + ("" if args.freeze_bn else " --update-bn") + ("" if args.augment else " --no-augment")
+          + ("" if args.trainable == "all" else f" --trainable {args.trainable}")
+          + ("" if args.val_fraction == DEFAULT_VAL_FRACTION else f" --val-fraction {args.val_fraction:g}"))
     print(f"  napari-sdunet evaluate --model {out} --images {eval_img} --masks {eval_mask} --device cpu -q")
     record = {
         "task": args.task, "what": what, "base": base, "base_note": base_note, "n_finetune": len(tune_ids),
         "n_eval": len(eval_ids), "finetune_ids": tune_ids, "steps": res.steps, "lr": args.lr,
         "batch_size": args.batch_size, "val_fraction": args.val_fraction, "trainable": args.trainable,
-        "augment": args.augment, "threads": torch.get_num_threads(),
+        "augment": args.augment, "freeze_bn": args.freeze_bn, "threads": torch.get_num_threads(),
         "dice_before": before["dice"], "dice_before_sd": before["dice_sd"],
         "dice_after": after["dice"], "dice_after_sd": after["dice_sd"],
         "wall_s": wall, "cpu_s": cpu, "val_dice_before": res.dice_before, "val_dice_after": res.dice_after,

@@ -289,6 +289,40 @@ def _frames_text(indices: list[int]) -> str:
     return ", ".join(out)
 
 
+class _FrozenStatsBatchNorm:
+    """Mixin class swapped onto BatchNorm layers: they stay in eval mode, so the base model's running
+    statistics are used and kept (a few fine-tuning frames would otherwise overwrite them, which costs
+    more held-out Dice than the fine-tuning gains; see docs/finetune.md). Their affine weights still train.
+    """
+
+    def train(self, mode: bool = True):  # noqa: D401 (torch API)
+        return super().train(False)
+
+
+_FROZEN_CLASSES: dict[type, type] = {}
+
+
+def freeze_batchnorm_stats(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
+    """Keep every BatchNorm layer of ``model`` in eval mode; returns what :func:`unfreeze_batchnorm` undoes."""
+    import torch
+
+    changed = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FrozenStatsBatchNorm):
+            cls = type(m)
+            if cls not in _FROZEN_CLASSES:
+                _FROZEN_CLASSES[cls] = type(f"FrozenStats{cls.__name__}", (_FrozenStatsBatchNorm, cls), {})
+            m.__class__ = _FROZEN_CLASSES[cls]
+            m.training = False
+            changed.append((m, cls))
+    return changed
+
+
+def unfreeze_batchnorm(changed: list[tuple[torch.nn.Module, type]]) -> None:
+    for m, cls in changed:
+        m.__class__ = cls
+
+
 def _free(device: torch.device) -> None:
     import gc
 
@@ -314,6 +348,7 @@ def finetune(
     batch_size: int = DEFAULT_BATCH_SIZE,
     trainable: str = "all",
     augment: bool = True,
+    freeze_bn: bool = True,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     val_data: Any = None,
     device: str = "auto",
@@ -329,7 +364,8 @@ def finetune(
     ``data``: :class:`LabelledImage` objects, ``(image, mask)`` array pairs, or one
     ``(images_dir, masks_dir)`` folder pair. Validation frames are ``val_data`` when given, else a
     random ``val_fraction`` of the labelled frames. ``steps`` caps the optimiser steps, ``epochs``
-    the passes over the training frames (either may be None). ``on_progress`` gets the training
+    the passes over the training frames (either may be None). ``freeze_bn`` keeps the base model's
+    BatchNorm statistics (recommended for a few frames). ``on_progress`` gets the training
     loop's :class:`~napari_sdunet.train_loop.Progress` reports, starting with a ``"val"`` report at
     step 0 that holds the Dice before fine-tuning. When ``should_stop()`` turns true the run ends
     without writing anything and the result has ``cancelled=True`` and ``path=None``.
@@ -400,8 +436,12 @@ def finetune(
                         batch_size=batch_size, val_every=val_every or steps_per_epoch, patience=None,
                         seed=seed, trainable=trainable)
         status(f"fine-tuning for {total} steps on {dev}")
-        fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
-                      on_progress=on_progress, should_stop=should_stop)
+        frozen = freeze_batchnorm_stats(net) if freeze_bn else []
+        try:
+            fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
+                          on_progress=on_progress, should_stop=should_stop)
+        finally:
+            unfreeze_batchnorm(frozen)
         if fit_res.cancelled:
             return FinetuneResult(None, dice_before, math.nan, dice_on, len(train_frames), len(val_frames),
                                   fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, True, fit_res.history)
@@ -425,6 +465,7 @@ def finetune(
             "batch_size": batch_size,
             "trainable": trainable,
             "augment": augment,
+            "freeze_bn": freeze_bn,
             "device": str(dev),
             "seconds": round(fit_res.seconds, 2),
             "dice_on": dice_on,

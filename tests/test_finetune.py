@@ -64,13 +64,36 @@ def base_model(tmp_path):
                            preprocessing=TASKS["nuclei"]["preprocessing"], card="# base\n")
 
 
+@pytest.fixture
+def pretrained_base(tmp_path):
+    """A small U-Net trained for a few seconds on 12 colour (H&E-like) nuclei training images: a base
+    model with real BatchNorm statistics that is weak on the grey fluorescence images used below."""
+    from napari_sdunet.finetune import Augmented, FrameDataset, LabelledImage, labelled_frames
+    from napari_sdunet.io import read_image, read_mask
+    from napari_sdunet.train_loop import FitConfig, fit
+
+    root = shared_data("nuclei")
+    splits = {r["id"]: r["split"] for r in csv.DictReader(open(root / "split.csv"))}
+    ids = sorted(r["id"] for r in csv.DictReader(open(root / "metadata.csv"))
+                 if r["grayscale_rgb"] == "0" and splits[r["id"]] == "train")[:12]
+    prep = TASKS["nuclei"]["preprocessing"]
+    frames = [f for i in ids for f in labelled_frames(LabelledImage(
+        read_image(root / "images" / f"{i}.png").data, read_mask(root / "masks" / f"{i}.png"), "YXC"))]
+    torch.manual_seed(0)
+    model = create_model("unet", task="nuclei", base_filters=8, depth=2)
+    fit(model, Augmented(FrameDataset(frames, prep)), None,
+        FitConfig(epochs=1000, max_steps=60, lr=3e-3, batch_size=6, patience=None), device="cpu")
+    return save_checkpoint(model, tmp_path / "base", task="nuclei", preprocessing=prep, card="# base\n")
+
+
 def _weights(folder):
     model, _ = load_checkpoint(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.shared_data
-def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, base_model):
+def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, pretrained_base):
+    base_model = pretrained_base
     images, masks = _folders(tmp_path, _nuclei_256(8))
     seen = []
     res = finetune(base_model, (images, masks), tmp_path / "tuned", steps=40, lr=3e-3, batch_size=4,
@@ -93,6 +116,10 @@ def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, base_mo
     assert "Fine-tuned from **base**" in card and "before" in card
     tuned, base = _weights(res.path), _weights(base_model)
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    # the base model's BatchNorm statistics are kept by default (freeze_bn=True)
+    stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(tuned[k], base[k]) for k in stats)
+    assert ft["freeze_bn"] is True
 
 
 @pytest.mark.shared_data
@@ -228,10 +255,11 @@ def test_decoder_only_keeps_the_encoder(tmp_path, base_model):
         m[cy - 8:cy + 8, cx - 8:cx + 8] = 1
         pairs.append(((m * 180 + rng.integers(0, 60, m.shape)).astype(np.uint8), m))
     res = finetune(base_model, pairs, tmp_path / "dec", steps=4, lr=1e-2, trainable="decoder",
-                   val_fraction=0.0, device="cpu")
+                   val_fraction=0.0, device="cpu", freeze_bn=False)
     assert res.dice_on == "training" and res.n_val == 0 and not math.isnan(res.dice_after)
     tuned, base = _weights(res.path), _weights(base_model)
-    params = [k for k, _ in load_checkpoint(base_model)[0].named_parameters()]  # BN statistics may move
+    params = [k for k, _ in load_checkpoint(base_model)[0].named_parameters()]
+    assert any(not torch.equal(tuned[k], base[k]) for k in base if k.endswith("running_mean"))  # freeze_bn=False
     assert all(torch.equal(tuned[k], base[k]) for k in params if k.split(".")[0] in ("downs", "inc"))
     assert any(not torch.equal(tuned[k], base[k]) for k in params if k.split(".")[0] in ("ups", "head"))
 

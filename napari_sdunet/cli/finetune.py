@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train all weights (default) or only the decoder")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random flips, rotations and intensity jitter")
+    p.add_argument("--update-bn", dest="freeze_bn", action="store_false",
+                   help="let BatchNorm statistics follow the new frames (default: keep the base model's, "
+                        "which is better for a few frames)")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help=f"fraction of frames held out for validation (default {DEFAULT_VAL_FRACTION}; 0: none)")
     p.add_argument("--val-images", metavar="DIR", default=None, help="validation images (instead of a fraction)")
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = finetune(args.model, data, args.output, steps=args.steps, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, trainable=args.trainable, augment=args.augment,
+                       freeze_bn=args.freeze_bn,
                        val_fraction=args.val_fraction, val_data=val, device=args.device, seed=args.seed,
                        overwrite=args.overwrite, on_progress=progress, on_status=lambda s: tqdm.write(s))
     finally:

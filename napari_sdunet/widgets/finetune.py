@@ -192,6 +192,9 @@ class FinetuneWidget(Container):
         self.trainable = ComboBox(label="train", choices=[("all weights", "all"), ("decoder only", "decoder")],
                                   value="all")
         self.augment = CheckBox(text="augment (flips, rotations, intensity)", value=True)
+        self.freeze_bn = CheckBox(text="keep the base model's BatchNorm statistics", value=True,
+                                  tooltip="recommended for a few frames; untick when the new images look very "
+                                          "different (other stain, camera) and you have many labelled frames")
         self.val_mode = ComboBox(label="validation", value="fraction",
                                  choices=[("held-out fraction of frames", "fraction"), ("a chosen pair", "pair")])
         self.val_fraction = FloatSpinBox(label="fraction", min=0.0, max=0.9, step=0.05, value=DEFAULT_VAL_FRACTION)
@@ -205,7 +208,8 @@ class FinetuneWidget(Container):
         self.result = Label(label="result", value="")
         super().__init__(widgets=[
             self.pairs, self.add_pair_button, self.models, self.length_unit, self.length, self.lr,
-            self.batch_size, self.trainable, self.augment, self.val_mode, self.val_fraction, self.val_pair,
+            self.batch_size, self.trainable, self.augment, self.freeze_bn, self.val_mode, self.val_fraction,
+            self.val_pair,
             self.device, self.model_name, self.overwrite, self.run_button, self.runner, self.result,
         ], labels=True)
         from .finetune_plot import TrainingPlot
@@ -284,6 +288,7 @@ class FinetuneWidget(Container):
             "epochs": n if self.length_unit.value == "epochs" else None,
             "lr": float(self.lr.value), "batch_size": int(self.batch_size.value),
             "trainable": self.trainable.value, "augment": bool(self.augment.value),
+            "freeze_bn": bool(self.freeze_bn.value),
             "val_fraction": float(self.val_fraction.value) if val_items is None else 0.0,
             "device": self.device.value, "overwrite": bool(self.overwrite.value),
         }
