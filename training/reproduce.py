@@ -72,11 +72,12 @@ def make_plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     x = np.arange(len(archs))
     ours = [[r["dice"] for r in rows if r["arch"] == a] for a in archs]
-    ax.bar(x - 0.2, [np.mean(v) for v in ours], 0.4, yerr=[np.std(v) for v in ours], label="ours", color="#4477aa")
+    ax.bar(x - 0.2, [np.mean(v) for v in ours], 0.4, yerr=[np.std(v) for v in ours],
+           label="ours (" + ("per-volume 3-D Dice" if task == "liver" else "per-image Dice") + ")", color="#4477aa")
     for i, v in enumerate(ours):
         ax.plot([i - 0.2] * len(v), v, "k.", ms=4)
     ax.bar(x + 0.2, [PAPER_TABLE2[task][a][0] for a in archs], 0.4, yerr=[PAPER_TABLE2[task][a][1] for a in archs],
-           label="paper (Table 2)", color="#cc6677")
+           label="paper, Table 2 (2-D batch-pooled Dice)", color="#cc6677")
     ax.set_xticks(x, [NAMES[a] for a in archs])
     ax.set_ylabel("Dice (%)")
     lo = min([min(v) for v in ours] + [PAPER_TABLE2[task][a][0] for a in archs])
