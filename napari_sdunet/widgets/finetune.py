@@ -314,6 +314,8 @@ class FinetuneWidget(Container):
                 self.plot.add_loss(p.step, p.loss)
             elif p.kind == "val":
                 self.plot.add_dice(p.step, p.val_dice)
+                if p.step > 0:
+                    self.plot.add_mean_loss(p.step, p.loss)
 
     def _finished(self, result: Any) -> None:
         self._update_plot()

@@ -17,18 +17,21 @@ DICE_COLOUR = QColor(80, 200, 255)
 
 
 class TrainingPlot(QWidget):
-    """Loss (left axis, orange line) and validation Dice (right axis 0..1, blue dots) per step."""
+    """Loss (left axis: per step faint, mean between validations bold, orange) and validation Dice
+    (right axis 0..1, blue dots) against the step."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setMinimumHeight(170)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("orange: training loss (left axis); blue: validation Dice (right axis, 0-1)")
+        self.setToolTip("orange: training loss (left axis; faint per step, bold mean between validations); "
+                        "blue: validation Dice (right axis, 0-1; the first point is the base model)")
         self.reset()
 
     def reset(self, total_steps: int = 0) -> None:
         """Clear the curves; ``total_steps`` sets the x range (grows if exceeded)."""
         self.loss: list[tuple[int, float]] = []
+        self.mean_loss: list[tuple[int, float]] = []
         self.dice: list[tuple[int, float]] = []
         self.total = max(0, int(total_steps))
         self.update()
@@ -36,6 +39,12 @@ class TrainingPlot(QWidget):
     def add_loss(self, step: int, loss: float) -> None:
         if math.isfinite(loss):
             self.loss.append((int(step), float(loss)))
+            self.update()
+
+    def add_mean_loss(self, step: int, loss: float) -> None:
+        """The mean loss since the previous validation (drawn bold over the per-step loss)."""
+        if math.isfinite(loss):
+            self.mean_loss.append((int(step), float(loss)))
             self.update()
 
     def add_dice(self, step: int, dice: float) -> None:
@@ -95,12 +104,15 @@ class TrainingPlot(QWidget):
                    int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom), self._title())
 
         # curves
-        if len(self.loss) > 1:
-            path = QPainterPath(QPointF(px(self.loss[0][0]), py_loss(self.loss[0][1])))
-            for s, v in self.loss[1:]:
-                path.lineTo(QPointF(px(s), py_loss(v)))
-            p.setPen(QPen(LOSS_COLOUR, 1.5))
-            p.drawPath(path)
+        faint = QColor(LOSS_COLOUR)
+        faint.setAlpha(110)
+        for points, pen in ((self.loss, QPen(faint, 1.0)), (self.mean_loss, QPen(LOSS_COLOUR, 2.2))):
+            if len(points) > 1:
+                path = QPainterPath(QPointF(px(points[0][0]), py_loss(points[0][1])))
+                for s, v in points[1:]:
+                    path.lineTo(QPointF(px(s), py_loss(v)))
+                p.setPen(pen)
+                p.drawPath(path)
         if self.dice:
             p.setPen(QPen(DICE_COLOUR, 1.5))
             for (s0, v0), (s1, v1) in zip(self.dice, self.dice[1:]):
@@ -112,8 +124,9 @@ class TrainingPlot(QWidget):
 
     def _title(self) -> str:
         parts = []
-        if self.loss:
-            parts.append(f"loss {self.loss[-1][1]:.3f}")
+        if self.mean_loss or self.loss:
+            parts.append(f"loss {(self.mean_loss or self.loss)[-1][1]:.3f}")
         if self.dice:
-            parts.append(f"val Dice {self.dice[0][1]:.3f} → {self.dice[-1][1]:.3f}")
+            parts.append(f"val Dice: before {self.dice[0][1]:.3f}, best {max(v for _, v in self.dice):.3f}, "
+                         f"last {self.dice[-1][1]:.3f}")
         return "   ".join(parts) or "loss and validation Dice appear here while training"
