@@ -60,24 +60,29 @@ def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch
     if T == 1:
         return out, None, None
     S2, S3 = 2 * S, 3 * S
-    if lp is None:
-        prior = torch.addmm(b_h, x[1:].reshape(-1, S), w_h.t())
-    else:
-        prior = _mm(x[1:].reshape(-1, S), w_h.t(), lp).add_(b_h)
-    prior = prior.view(T - 1, B, L, S3)
     gates = x.new_empty(T - 1, B, L, S3) if keep else x.new_empty(1, B, L, S3)
+    prior = x.new_empty(T - 1, B, L, S3) if keep else x.new_empty(1, B, L, S3)
     u = x.new_empty(B, L, S3, dtype=lp or x.dtype)
     a = x.new_empty(B * L, S3, dtype=lp or x.dtype)
     tmp = x.new_empty(B, L, S)
     w_in_t = w_in.t() if lp is None else w_in.t().to(lp)
+    w_h_t = w_h.t() if lp is None else w_h.t().to(lp)
     b_in = b_in if lp is None else b_in.to(lp)
+    h_lp = None if lp is None else x.new_empty(B * L, S, dtype=lp)
+    c_lp = None if lp is None else x.new_empty(B * L, S3, dtype=lp)
     a3 = a.view(B, L, S3)
     for t in range(1, T):
+        g = gates[t - 1] if keep else gates[0]
+        c = prior[t - 1] if keep else prior[0]
+        h = x[t]
+        # the prior term, one step at a time: small GEMMs stay in cache (2x faster here than one big one)
+        if lp is None:
+            torch.addmm(b_h, h.view(B * L, S), w_h_t, out=c.view(B * L, S3))
+        else:
+            torch.mm(h_lp.copy_(h.view(B * L, S)), w_h_t, out=c_lp)
+            torch.add(c_lp, b_h, out=c.view(B * L, S3))
         u.copy_(_taps(out[t - 1], L))
         torch.addmm(b_in, u.view(B * L, S3), w_in_t, out=a)
-        g = gates[t - 1] if keep else gates[0]
-        c = prior[t - 1]
-        h = x[t]
         rz, r, z, n = g[..., :S2], g[..., :S], g[..., S:S2], g[..., S2:]
         torch.add(a3[..., :S2], c[..., :S2], out=rz)
         rz.sigmoid_()
@@ -90,17 +95,20 @@ def _forward(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torch.Tensor, out: torch.Tensor,
               gates: torch.Tensor, prior: torch.Tensor, need: tuple[bool, ...], lp: torch.dtype | None = None):
-    """Gradients (dx, dW_in, db_in, dW_h, db_h) of the sweep; ``need`` says which are wanted."""
+    """Gradients (dx, dW_in, db_in, dW_h, db_h) of the sweep; ``need`` says which are wanted.
+
+    One reversed loop; each step runs its four GEMMs (gradient to the previous line, prior-term input
+    gradient, dW_in and dW_h accumulation) on cache-hot per-step blocks.
+    """
     T, B, L, S = x.shape
     S2, S3 = 2 * S, 3 * S
+    M = B * L
+    dtype = x.dtype
     dx = torch.empty_like(x)
-    # dA in padded rows (zeros at the line ends) so the batch is one matrix for the GEMMs
-    dapad = _padded(x, (T - 1, B, L + 2, S3))
-    dc = x.new_empty(T - 1, B, L, S3)
-    dupad = x.new_empty(B * (L + 2), S3, dtype=lp or x.dtype)
-    da_lp = None if lp is None else x.new_empty(B * (L + 2), S3, dtype=lp)
-    w_in_lp = w_in if lp is None else w_in.to(lp)
-    du3 = dupad.view(B, L + 2, S3)
+    dw_in = x.new_zeros(S3, S3)
+    dw_h = x.new_zeros(S3, S)
+    db_in = x.new_zeros(S3)
+    db_h = x.new_zeros(S3)
     # step-independent factors of the gate derivatives, in a few whole-tensor ops (not per step):
     # P = [1 - n^2, (n - h) z (1 - z), c_n r (1 - r)]
     r_all, z_all, n_all = gates[..., :S], gates[..., S:S2], gates[..., S2:]
@@ -112,30 +120,63 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
     p2.mul_(torch.addcmul(z_all, z_all, z_all, value=-1))
     torch.addcmul(r_all, r_all, r_all, value=-1, out=p3)
     p3.mul_(prior[..., S2:])
+    # per-step buffers; with lp, GEMM operands are rounded copies
+    da = x.new_empty(M, S3)
+    dc = x.new_empty(M, S3)
+    da3 = da.view(B, L, S3)
+    da_r, da_z, da_n = da3[..., :S], da3[..., S:S2], da3[..., S2:]
+    u = x.new_empty(B, L, S3, dtype=lp or dtype)
+    du = x.new_empty(B, L, S3, dtype=lp or dtype)
+    dxc = x.new_empty(M, S, dtype=lp or dtype)
+    da_g = da if lp is None else x.new_empty(M, S3, dtype=lp)
+    dc_g = dc if lp is None else x.new_empty(M, S3, dtype=lp)
+    h_g = None if lp is None else x.new_empty(M, S, dtype=lp)
+    w_in_g = w_in if lp is None else w_in.to(lp)
+    w_h_g = w_h if lp is None else w_h.to(lp)
     g = grad[T - 1].clone()  # total gradient of the current line (output + through the next line's taps)
     t1 = x.new_empty(B, L, S)
     for t in range(T - 1, 0, -1):
         r, z = gates[t - 1][..., :S], gates[t - 1][..., S:S2]
         pt = p[t - 1]
-        da = dapad[t - 1][:, 1:L + 1]
-        da_r, da_z, da_n = da[..., :S], da[..., S:S2], da[..., S2:]
-        dct = dc[t - 1]
         torch.mul(g, z, out=t1)  # dn = g z
         torch.sub(g, t1, out=dx[t])  # direct path: g (1 - z)
         torch.mul(t1, pt[..., :S], out=da_n)  # dn (1 - n^2)
         torch.mul(g, pt[..., S:S2], out=da_z)  # g (n - h) z (1 - z)
         torch.mul(da_n, pt[..., S2:], out=da_r)  # da_n c_n r (1 - r)
-        dct[..., :S2].copy_(da[..., :S2])
-        torch.mul(da_n, r, out=dct[..., S2:])
-        # gradient to the previous line: dU = dA W_in, then tap k of row i lands on row i + k - 1
-        da_rows = dapad[t - 1].view(B * (L + 2), S3)
+        dc[:, :S2] = da[:, :S2]
+        torch.mul(da_n, r, out=dc[:, S2:].view(B, L, S))
         if lp is not None:
-            da_rows = da_lp.copy_(da_rows)
-        torch.mm(da_rows, w_in_lp, out=dupad)
-        torch.add(grad[t - 1], du3[:, 2:L + 2, :S], out=g)
-        g.add_(du3[:, 1:L + 1, S:S2]).add_(du3[:, 0:L, S2:])
+            da_g.copy_(da)
+            dc_g.copy_(dc)
+        h = x[t].view(M, S)
+        if need[0]:  # prior term's input gradient
+            if lp is None:
+                dx[t].view(M, S).addmm_(dc, w_h)
+            else:
+                dx[t].view(M, S).add_(torch.mm(dc_g, w_h_g, out=dxc))
+        if need[3]:
+            if lp is None:
+                dw_h.addmm_(dc.t(), h)
+            else:
+                dw_h.add_(dc_g.t() @ h_g.copy_(h))
+        if need[1]:
+            u.copy_(_taps(out[t - 1], L))
+            if lp is None:
+                dw_in.addmm_(da.t(), u.view(M, S3))
+            else:
+                dw_in.add_(da_g.t() @ u.view(M, S3))
+        if need[2]:
+            db_in.add_(da.sum(0))
+        if need[4]:
+            db_h.add_(dc.sum(0))
+        # gradient to the previous line: dU = dA W_in; tap k of position i lands on position i + k - 1
+        torch.mm(da_g, w_in_g, out=du.view(M, S3))
+        torch.add(grad[t - 1], du[..., S:S2], out=g)
+        g[:, :L - 1].add_(du[:, 1:, :S])
+        g[:, 1:].add_(du[:, :L - 1, S2:])
     dx[0] = g
-    return backward_tail(dx, dapad, dc, x, w_h, out, need, lp)
+    return ((dx if need[0] else None), (dw_in if need[1] else None), (db_in if need[2] else None),
+            (dw_h if need[3] else None), (db_h if need[4] else None))
 
 
 def backward_tail(dx: torch.Tensor, dapad: torch.Tensor, dc: torch.Tensor, x: torch.Tensor, w_h: torch.Tensor,
