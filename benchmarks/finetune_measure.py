@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     ap.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    ap.add_argument("--val-split", choices=["end", "random"], default="end")
     ap.add_argument("--trainable", choices=["all", "decoder"], default="all")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
     ap.add_argument("--update-bn", dest="freeze_bn", action="store_false",
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     res = finetune(base, (tune_img, tune_mask), out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                    trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
-                   val_fraction=args.val_fraction, device="cpu",
+                   val_fraction=args.val_fraction, val_split=args.val_split, device="cpu",
                    on_status=lambda s: print(f"  {s}", flush=True))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     after = evaluate(str(out), eval_img, eval_mask)
@@ -192,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
           f"--steps {args.steps} --lr {args.lr:g} --batch-size {args.batch_size} --device cpu"
           + ("" if args.freeze_bn else " --update-bn") + ("" if args.augment else " --no-augment")
           + ("" if args.trainable == "all" else f" --trainable {args.trainable}")
-          + ("" if args.val_fraction == DEFAULT_VAL_FRACTION else f" --val-fraction {args.val_fraction:g}"))
+          + ("" if args.val_fraction == DEFAULT_VAL_FRACTION else f" --val-fraction {args.val_fraction:g}")
+          + ("" if args.val_split == "end" else f" --val-split {args.val_split}"))
     print(f"  napari-sdunet evaluate --model {out} --images {eval_img} --masks {eval_mask} --device cpu -q")
     record = {
         "task": args.task, "what": what, "base": base, "base_note": base_note, "n_finetune": len(tune_ids),
         "n_eval": len(eval_ids), "finetune_ids": tune_ids, "steps": res.steps, "lr": args.lr,
-        "batch_size": args.batch_size, "val_fraction": args.val_fraction, "trainable": args.trainable,
+        "batch_size": args.batch_size, "val_fraction": args.val_fraction, "val_split": args.val_split,
+        "trainable": args.trainable,
         "augment": args.augment, "freeze_bn": args.freeze_bn, "threads": torch.get_num_threads(),
         "dice_before": before["dice"], "dice_before_sd": before["dice_sd"],
         "dice_after": after["dice"], "dice_after_sd": after["dice_sd"],

@@ -15,6 +15,7 @@ import datetime as _dt
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,16 +98,22 @@ def labelled_frames(item: LabelledImage) -> list[Frame]:
     return [Frame(np.asarray(frames[i]), labels[i] > 0, has_c, item.name, i) for i in keep]
 
 
+def _natural_key(name: str) -> list[Any]:
+    """'frame10' after 'frame9': file names in the order of the numbers in them."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
 def pairs_from_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLike,
                        axes: str | None = None) -> list[LabelledImage]:
-    """Image files and mask files matched by file stem (any resolution; stacks and NIfTI too)."""
+    """Image files and mask files matched by file stem (any resolution; stacks and NIfTI too), in the
+    natural order of their names (frame2 before frame10)."""
     from .io import list_images, read_image, read_mask, stem
 
     masks = {}
     for m in list_images(masks_dir):
         masks.setdefault(stem(m), m)
     out = []
-    for im in list_images(images_dir):
+    for im in sorted(list_images(images_dir), key=lambda p: _natural_key(stem(p))):
         s = stem(im)
         if s not in masks:
             continue
@@ -168,16 +175,29 @@ class Augmented:
         return x.contiguous(), y.contiguous()
 
 
-def split_frames(frames: Sequence[Frame], val_fraction: float, seed: int = 0) -> tuple[list[Frame], list[Frame]]:
-    """Random (train, validation) split; at least one frame each when there are two or more."""
+VAL_SPLITS = ("end", "random")
+
+
+def split_frames(frames: Sequence[Frame], val_fraction: float, seed: int = 0, how: str = "end",
+                 ) -> tuple[list[Frame], list[Frame]]:
+    """(train, validation) frames; at least one of each when there are two or more.
+
+    ``how="end"`` holds out the last frames in the given order (for a video or stack: the frames
+    after the training ones, which are not near-copies of them); ``"random"`` a random choice.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise FinetuneError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if how not in VAL_SPLITS:
+        raise FinetuneError(f"the validation split must be one of {VAL_SPLITS}, got {how!r}")
     frames = list(frames)
     if len(frames) < 2 or val_fraction == 0:
         return frames, []
     n_val = min(len(frames) - 1, max(1, round(val_fraction * len(frames))))
     order = list(range(len(frames)))
-    random.Random(seed).shuffle(order)
+    if how == "random":
+        random.Random(seed).shuffle(order)
+    else:
+        order = order[len(frames) - n_val:] + order[:len(frames) - n_val]
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [frames[i] for i in train], [frames[i] for i in val]
@@ -350,6 +370,7 @@ def finetune(
     augment: bool = True,
     freeze_bn: bool = True,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    val_split: str = "end",
     val_data: Any = None,
     device: str = "auto",
     seed: int = 0,
@@ -363,12 +384,13 @@ def finetune(
 
     ``data``: :class:`LabelledImage` objects, ``(image, mask)`` array pairs, or one
     ``(images_dir, masks_dir)`` folder pair. Validation frames are ``val_data`` when given, else a
-    random ``val_fraction`` of the labelled frames. ``steps`` caps the optimiser steps, ``epochs``
-    the passes over the training frames (either may be None). ``freeze_bn`` keeps the base model's
-    BatchNorm statistics (recommended for a few frames). ``on_progress`` gets the training
-    loop's :class:`~napari_sdunet.train_loop.Progress` reports, starting with a ``"val"`` report at
-    step 0 that holds the Dice before fine-tuning. When ``should_stop()`` turns true the run ends
-    without writing anything and the result has ``cancelled=True`` and ``path=None``.
+    ``val_fraction`` of the labelled frames: the last ones (``val_split="end"``) or a random choice.
+    ``steps`` caps the optimiser steps, ``epochs`` the passes over the training frames (either may
+    be None). ``freeze_bn`` keeps the base model's BatchNorm statistics (recommended for a few
+    frames). ``on_progress`` gets the training loop's :class:`~napari_sdunet.train_loop.Progress`
+    reports, starting with a ``"val"`` report at step 0 that holds the Dice before fine-tuning.
+    When ``should_stop()`` turns true the run ends without writing anything and the result has
+    ``cancelled=True`` and ``path=None``.
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .inference import pick_device
@@ -406,7 +428,7 @@ def finetune(
         if not val_frames:
             raise FinetuneError("the validation data has no labelled frame")
     else:
-        train_frames, val_frames = split_frames(frames, val_fraction, seed)
+        train_frames, val_frames = split_frames(frames, val_fraction, seed, val_split)
 
     net, config = load_checkpoint(base_folder, device="cpu")  # a private copy: never the inference cache's
     prep = dict(config.get("preprocessing") or {})
@@ -460,6 +482,7 @@ def finetune(
             "n_train": len(train_frames),
             "n_val": len(val_frames),
             "val_frames": [f"{f.source}[{f.index}]" for f in val_frames],
+            "val_split": "given" if val_items else val_split,
             "steps": fit_res.steps,
             "lr": lr,
             "batch_size": batch_size,

@@ -206,8 +206,9 @@ def test_labelled_frames_of_a_stack_are_the_painted_and_marked_slices():
 
 def test_split_and_augmentation_keep_image_and_mask_aligned():
     frames = list(range(10))
-    train, val = split_frames(frames, 0.2, seed=1)
-    assert len(val) == 2 and sorted(train + val) == frames
+    assert split_frames(frames, 0.2) == (list(range(8)), [8, 9])  # the last frames: not near-copies
+    train, val = split_frames(frames, 0.2, seed=1, how="random")
+    assert len(val) == 2 and sorted(train + val) == frames and val != [8, 9]
     assert split_frames([0], 0.5) == ([0], [])
     with pytest.raises(FinetuneError):
         split_frames(frames, 1.0)
@@ -278,3 +279,17 @@ def test_nifti_volume_pairs_use_their_labelled_slices(tmp_path):
     frames = labelled_frames(item)
     with_liver = [k for k in range(item.labels.shape[0]) if item.labels[k].any()]
     assert [f.index for f in frames] == with_liver and len(frames) > 0
+
+
+def test_folder_pairs_come_in_natural_name_order(tmp_path):
+    from PIL import Image
+
+    for d in ("im", "ma"):
+        (tmp_path / d).mkdir()
+    for n in (10, 2, 1):
+        Image.fromarray(np.full((8, 8), n, np.uint8)).save(tmp_path / "im" / f"frame{n}.png")
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "ma" / f"frame{n}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "im" / "unpaired.png")
+    items = pairs_from_folders(tmp_path / "im", tmp_path / "ma")
+    assert [it.name for it in items] == ["frame1.png", "frame2.png", "frame10.png"]
+    assert [int(it.image[0, 0]) for it in items] == [1, 2, 10] and items[0].labels.all()

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "which is better for a few frames)")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help=f"fraction of frames held out for validation (default {DEFAULT_VAL_FRACTION}; 0: none)")
+    p.add_argument("--val-split", choices=["end", "random"], default="end",
+                   help="which frames --val-fraction holds out: the last ones in file-name order (default; "
+                        "for video frames these are not near-copies of the training frames) or random ones")
     p.add_argument("--val-images", metavar="DIR", default=None, help="validation images (instead of a fraction)")
     p.add_argument("--val-masks", metavar="DIR", default=None, help="validation masks for --val-images")
     p.add_argument("--axes", default=None, help="axes of every input (YX, YXC, ZYX, TYX, TYXC); default: from the file")
@@ -75,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = finetune(args.model, data, args.output, steps=args.steps, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, trainable=args.trainable, augment=args.augment,
-                       freeze_bn=args.freeze_bn,
-                       val_fraction=args.val_fraction, val_data=val, device=args.device, seed=args.seed,
+                       freeze_bn=args.freeze_bn, val_fraction=args.val_fraction, val_split=args.val_split,
+                       val_data=val, device=args.device, seed=args.seed,
                        overwrite=args.overwrite, on_progress=progress, on_status=lambda s: tqdm.write(s))
     finally:
         if bar is not None:

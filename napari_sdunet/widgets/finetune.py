@@ -195,8 +195,11 @@ class FinetuneWidget(Container):
         self.freeze_bn = CheckBox(text="keep the base model's BatchNorm statistics", value=True,
                                   tooltip="recommended for a few frames; untick when the new images look very "
                                           "different (other stain, camera) and you have many labelled frames")
-        self.val_mode = ComboBox(label="validation", value="fraction",
-                                 choices=[("held-out fraction of frames", "fraction"), ("a chosen pair", "pair")])
+        self.val_mode = ComboBox(label="validation", value="end",
+                                 choices=[("the last frames (fraction)", "end"), ("random frames (fraction)", "random"),
+                                          ("a chosen pair", "pair")],
+                                 tooltip="frames held out to measure Dice and keep the best weights; in a video the "
+                                         "last frames are less alike the training frames than random ones")
         self.val_fraction = FloatSpinBox(label="fraction", min=0.0, max=0.9, step=0.05, value=DEFAULT_VAL_FRACTION)
         self.val_pair = SpinBox(label="pair number", min=1, max=1, value=1, visible=False)
         self.device = device_combo()
@@ -290,6 +293,7 @@ class FinetuneWidget(Container):
             "trainable": self.trainable.value, "augment": bool(self.augment.value),
             "freeze_bn": bool(self.freeze_bn.value),
             "val_fraction": float(self.val_fraction.value) if val_items is None else 0.0,
+            "val_split": "random" if self.val_mode.value == "random" else "end",
             "device": self.device.value, "overwrite": bool(self.overwrite.value),
         }
         self.runner.stop_event = threading.Event()

@@ -141,7 +141,7 @@ def test_refuses_bad_input_with_a_message(make_napari_viewer, tmp_path, errors):
     viewer.add_labels(np.zeros((3, 32, 32), np.uint8), name="empty")
     w.val_mode.value = "pair"
     assert w.run() is None and "at least two pairs" in errors[-1]
-    w.val_mode.value = "fraction"
+    w.val_mode.value = "random"
     w.model_name.value = "../escape"
     assert w.run() is None and "plain folder name" in errors[-1]
     w.model_name.value = "x"
