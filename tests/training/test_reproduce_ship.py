@@ -29,6 +29,11 @@ def test_reproduce_table_plot_and_ship(tmp_path):
     reproduce("nuclei", 2, out, archs=["unet"], spec_kwargs=_kw(root), progress=False)
     assert (out / "unet" / "run0" / "metrics.json").stat().st_mtime == mtime
 
+    from training.report import runs_block
+
+    block = runs_block("nuclei", out)
+    assert "### nuclei" in block and "| U-Net run0 | 2 |" in block and "| U-Net run1 | 2 |" in block
+
     folder = ship(out / "unet" / "run0", name="unet-nuclei", data_root=str(root), dest=tmp_path / "weights")
     model, config = load_checkpoint(folder)
     assert config["weights"]["dtype"] == "float16" and config["preprocessing"]["input_size"] == [96, 96]

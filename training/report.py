@@ -1,0 +1,73 @@
+"""Markdown summary of reproduction folders and shipped models, for training/RESULTS.md.
+
+    python -m training.report --repro runs/repro-nuclei runs/repro-polyps runs/repro-liver
+
+Prints each task's Table-2-style table (re-made from the runs' metrics.json), the runs' budgets, and
+one line per shipped model (its card metrics against the issue's targets). Copies each plot next to
+RESULTS.md as ``results/<task>.png`` when ``--plots`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from napari_sdunet.zoo import PACKAGE_WEIGHTS
+
+from .reproduce import NAMES, collect, make_table, write_outputs
+
+TARGETS = {"nuclei": 94.5, "polyps": 84.0, "liver": 95.0}
+
+
+def runs_block(task: str, out: Path) -> str:
+    rows = collect(out)
+    lines = [f"### {task}", "", make_table(task, rows)]
+    lines.append("| run | steps | train time (s) | best val Dice (step) | warm start |")
+    lines.append("|---|---|---|---|---|")
+    for mj in sorted(out.glob("*/run*/metrics.json"), key=lambda p: list(NAMES).index(p.parent.parent.name)):
+        rec = json.loads(mj.read_text())
+        f, ws = rec["fit"], rec.get("warm_start") or {}
+        warm = f"{Path(rec['spec']['init_from']).parent.parent.name} run, gate bias {ws.get('gate_bias', '–')}" \
+            if rec["spec"].get("init_from") else "–"
+        lines.append(f"| {NAMES[rec['spec']['arch']]} {mj.parent.name} | {f['steps']} | {f['seconds']} | "
+                     f"{100 * f['best_val_dice']:.2f} ({f['best_step']}) | {warm} |")
+    return "\n".join(lines) + "\n"
+
+
+def shipped_block() -> str:
+    lines = ["| model | test metric | ours | issue target | met? | size |", "|---|---|---|---|---|---|"]
+    for folder in sorted(p for p in PACKAGE_WEIGHTS.iterdir() if (p / "config.json").is_file()):
+        cfg = json.loads((folder / "config.json").read_text())
+        m, task = cfg.get("metrics", {}), cfg["task"]
+        if task == "liver":
+            name, val = "per-volume 3-D Dice", 100 * m["dice_3d"]
+        else:
+            name, val = "per-image Dice", 100 * m["dice"]
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        met = "yes" if val >= TARGETS[task] else "no"
+        lines.append(f"| {folder.name} | {name} | {val:.2f} | {TARGETS[task]} | {met} | {size:.1f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.report", description=__doc__)
+    ap.add_argument("--repro", nargs="*", default=[], help="reproduce output folders")
+    ap.add_argument("--plots", help="copy each task's table.png here as <task>.png")
+    a = ap.parse_args(argv)
+    for d in map(Path, a.repro):
+        task = json.loads(next(d.glob("*/run*/metrics.json")).read_text())["spec"]["task"]
+        write_outputs(task, d)
+        print(runs_block(task, d))
+        if a.plots:
+            Path(a.plots).mkdir(parents=True, exist_ok=True)
+            shutil.copy(d / "table.png", Path(a.plots) / f"{task}.png")
+    print("### shipped models\n")
+    print(shipped_block())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
