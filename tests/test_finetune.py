@@ -293,3 +293,14 @@ def test_folder_pairs_come_in_natural_name_order(tmp_path):
     items = pairs_from_folders(tmp_path / "im", tmp_path / "ma")
     assert [it.name for it in items] == ["frame1.png", "frame2.png", "frame10.png"]
     assert [int(it.image[0, 0]) for it in items] == [1, 2, 10] and items[0].labels.all()
+
+
+def test_epochs_instead_of_steps(tmp_path, base_model):
+    rng = np.random.default_rng(1)
+    pairs = [(rng.integers(0, 255, (40, 40), dtype=np.uint8), (rng.random((40, 40)) > 0.7).astype(np.uint8))
+             for _ in range(6)]
+    res = finetune(base_model, pairs, tmp_path / "ep", steps=None, epochs=3, batch_size=2, val_fraction=0.0,
+                   device="cpu")
+    assert res.steps == 9 and read_config(res.path)["finetune"]["steps"] == 9  # 3 epochs of 6 frames / 2
+    with pytest.raises(FinetuneError, match="steps or epochs"):
+        finetune(base_model, pairs, tmp_path / "x", steps=None, epochs=None)
