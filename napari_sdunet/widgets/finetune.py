@@ -94,6 +94,10 @@ class PairRow(Container):
             self.info.value = "choose an image and its corrected labels"
             return
         axes = proposed_axes(image)
+        spatial = tuple(np.shape(image.data)[:-1] if axes.endswith("C") else np.shape(image.data))
+        if tuple(np.shape(labels.data)) != spatial:
+            self.info.value = f"labels shape {tuple(np.shape(labels.data))} ≠ image {spatial}: pick matching layers"
+            return
         try:
             n = labelled_count(labels.data)
         except (TypeError, ValueError):

@@ -144,6 +144,10 @@ def test_refuses_bad_input_with_a_message(make_napari_viewer, tmp_path, errors):
     w.val_mode.value = "random"
     w.model_name.value = "../escape"
     assert w.run() is None and "plain folder name" in errors[-1]
+    viewer.add_labels(np.zeros((3, 30, 32), np.uint8), name="other size")
+    w.pairs[0].labels_combo.value = viewer.layers["other size"]
+    assert "≠ image" in w.pairs[0].info.value
+    w.pairs[0].labels_combo.value = viewer.layers["empty"]
     w.model_name.value = "x"
     w.pairs[0].frames.value = "2-1"
     assert w.run() is None and "backwards" in errors[-1]
