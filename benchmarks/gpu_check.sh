@@ -17,7 +17,8 @@ status=0
 triton.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/gpu_info.txt"
 
 # 1. correctness on the GPU (and the interpreter tests, which run on CPU in a subprocess)
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+# -c /dev/null: the project's pytest config names Qt/pydantic plugins and warnings that the GPU image lacks
+timeout 240 "$PY" -m pytest -q -c /dev/null --rootdir . -p no:cacheprovider \
     tests/models/test_sweep_triton.py tests/models/test_sweep_fast.py tests/models/test_sweep_reference.py \
     2>&1 | tee "$OUT/gpu_tests.txt" || status=1
 
