@@ -87,12 +87,15 @@ def neighbours3(prev: torch.Tensor) -> torch.Tensor:
 def sweep_loop(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                w_h: torch.Tensor, b_h: torch.Tensor) -> torch.Tensor:
     """Plain autograd loop: one whole-line GEMM per step, prior term hoisted out of the loop."""
-    prior = F.linear(lines, w_h, b_h)  # not recurrent: one GEMM for all lines
-    prev = lines[0]
+    # not recurrent: one GEMM for all lines; unbind so autograd does not build a full-size
+    # gradient buffer for every per-step index
+    priors = F.linear(lines, w_h, b_h).unbind(0)
+    hs = lines.unbind(0)
+    prev = hs[0]
     out = [prev]
-    for t in range(1, lines.shape[0]):
+    for t in range(1, len(hs)):
         a = F.linear(neighbours3(prev), w_in, b_in)
-        prev = gru_update(a, prior[t], lines[t])
+        prev = gru_update(a, priors[t], hs[t])
         out.append(prev)
     return torch.stack(out)
 
