@@ -113,11 +113,17 @@ def _load_optional_impls() -> None:
     _optional_loaded = True
     import importlib
 
-    for mod in ("napari_sdunet.models.sweep_fast", "napari_sdunet.models.sweep_naive",
-                "napari_sdunet.models.sweep_triton"):
+    import os
+
+    mods = ["napari_sdunet.models.sweep_fast", "napari_sdunet.models.sweep_naive"]
+    # triton only where it can run: importing it costs seconds and, in a worker thread next to
+    # Qt (napari), can crash the process on a machine without a GPU
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        mods.append("napari_sdunet.models.sweep_triton")
+    for mod in mods:
         try:
             importlib.import_module(mod)
-        except ImportError:
+        except Exception:  # an optional fast path must never break the model
             pass
 
 
