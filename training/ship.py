@@ -152,6 +152,8 @@ def _cli_args(spec: dict[str, Any]) -> list[str]:
     for k, flag in simple.items():
         if spec.get(k) is not None and spec.get(k) != "":
             args.append(f"{flag} {spec[k]}")
+    if spec.get("patience") is None:
+        args.append("--patience 0")
     if spec.get("input_size"):
         args.append("--input-size " + "x".join(str(v) for v in spec["input_size"]))
     if spec.get("augment"):
