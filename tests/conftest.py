@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+try:  # load triton (when installed) before any viewer: loading it after Mesa's llvmpipe GL crashes
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

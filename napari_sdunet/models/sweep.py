@@ -112,7 +112,6 @@ def _load_optional_impls() -> None:
         return
     _optional_loaded = True
     import importlib
-
     import os
 
     mods = ["napari_sdunet.models.sweep_fast", "napari_sdunet.models.sweep_naive"]

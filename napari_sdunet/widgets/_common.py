@@ -164,6 +164,23 @@ def _guarded(job: Callable[..., Generator], args: tuple, kwargs: dict) -> Genera
     return result
 
 
+def avoid_triton_without_cuda() -> None:
+    """Keep torch from loading triton inside napari on machines without CUDA.
+
+    torch imports triton lazily whenever it is installed (torch._dynamo, e.g. from Adam.step).
+    Without CUDA it has nothing to do, and loading its LLVM after a Mesa llvmpipe GL context has
+    loaded another LLVM crashes the whole process (seen under Xvfb). Marked absent, torch skips it.
+    """
+    import sys
+
+    if "triton" in sys.modules:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.modules["triton"] = None  # type: ignore[assignment]
+
+
 class JobRunner(Container):
     """Progress bar, status line and Cancel button for one job at a time in a thread worker."""
 
@@ -189,6 +206,7 @@ class JobRunner(Container):
         if self.running:
             notify_info("a job is already running; wait or press Cancel")
             return None
+        avoid_triton_without_cuda()
         worker = create_worker(_guarded, job, args, kwargs, _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._on_returned(result, on_result))

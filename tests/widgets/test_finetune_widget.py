@@ -10,11 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-try:  # triton segfaults when first imported after Mesa's llvmpipe GL is up (Xvfb); training imports it via
-    import triton  # noqa: F401  torch._dynamo, so import it at collection time, before any viewer exists
-except ImportError:
-    pass
-
 from napari_sdunet.checkpoint import read_config
 from napari_sdunet.io import read_image, read_mask
 from napari_sdunet.widgets.finetune import FinetuneWidget, events, labelled_count, parse_frames
