@@ -24,6 +24,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", help="training data folder (path or name under the data root)")
     p.add_argument("--test-source", help="liver: folder of HU test volumes (default liver/)")
     p.add_argument("--input-size", type=_size, help="model input HxW, e.g. 96x128 (default: the paper's)")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="liver: HU window for HU-volume data (default [-40, 160]; the paper's is -1000 1000)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lr", type=float, help="default: Table 5 (nuclei 1e-3, polyps/liver 1e-4)")
@@ -49,7 +51,7 @@ def _spec_kwargs(a: argparse.Namespace) -> dict:
                 input_size=a.input_size, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
                 patience=a.patience or None, val_every=a.val_every, augment=a.augment, flip_tta=a.flip_tta,
                 limit_train=a.limit_train, limit_val=a.limit_val, limit_test=a.limit_test, model_overrides=over,
-                lr_schedule=a.lr_schedule, threads=a.threads, device=a.device,
+                lr_schedule=a.lr_schedule, threads=a.threads, device=a.device, ct_window=a.ct_window,
                 time_budget_s=a.time_budget * 60 if a.time_budget else None)
 
 
@@ -75,7 +77,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     model, config = load_pretrained(a.model)
     task = a.task or config.get("task")
     size = config.get("preprocessing", {}).get("input_size") or TASKS[task]["preprocessing"]["input_size"]
-    res = test_model(model, task, size, a.data_root, a.source, a.flip_tta, a.limit_test)
+    res = test_model(model, task, size, a.data_root, a.source, a.flip_tta, a.limit_test,
+                     config.get("preprocessing", {}).get("ct_window"))
     text = json.dumps(res, indent=2)
     if a.json:
         Path(a.json).write_text(text + "\n")

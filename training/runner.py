@@ -53,6 +53,7 @@ class RunSpec:
     threads: int | None = None
     device: str = "auto"
     time_budget_s: float | None = None  # stop training (keeping the best weights) after this long
+    ct_window: list[float] | None = None  # liver: HU window of HU-volume sources (None: the preset's)
     warm_gate_bias: float | None = 3.0  # see warm_start; None: leave the ResSDN gates as initialised
 
 
@@ -64,11 +65,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def preprocessing_for(task: str, input_size: list[int] | None) -> dict[str, Any]:
-    """The preset's preprocessing record, with the input size actually trained at."""
+def preprocessing_for(task: str, input_size: list[int] | None, ct_window: list[float] | None = None,
+                      ) -> dict[str, Any]:
+    """The preset's preprocessing record, with the input size (and CT window) actually trained with."""
     prep = dict(TASKS[task]["preprocessing"])
     if input_size:
         prep["input_size"] = list(input_size)
+    if ct_window:
+        prep["ct_window"] = [float(v) for v in ct_window]
     return prep
 
 
@@ -155,7 +159,7 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     t_task = TASKS[spec.task]
-    prep = preprocessing_for(spec.task, spec.input_size)
+    prep = preprocessing_for(spec.task, spec.input_size, spec.ct_window)
     size = prep["input_size"]
     common = dict(source=spec.source, data_root=spec.data_root, size=size, ct_window=prep["ct_window"])
     train = load_split(spec.task, "train", limit=spec.limit_train, **common)
@@ -208,7 +212,7 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
         if rank != 0:
             return None
     metrics = test_model(model, spec.task, size, spec.data_root, spec.test_source or (
-        None if spec.task == "liver" else spec.source), spec.flip_tta, spec.limit_test)
+        None if spec.task == "liver" else spec.source), spec.flip_tta, spec.limit_test, prep["ct_window"])
     record = {
         "spec": asdict(spec), "fit": {"best_val_dice": res.best_val_dice, "best_step": res.best_step,
                                       "steps": res.steps, "stopped_early": res.stopped_early,
@@ -234,12 +238,13 @@ def _hardware() -> str:
 
 
 def test_model(model: torch.nn.Module, task: str, model_size: list[int], data_root: str | None,
-               source: str | None, flip_tta: bool = False, limit: int | None = None) -> dict[str, Any]:
+               source: str | None, flip_tta: bool = False, limit: int | None = None,
+               ct_window: list[float] | None = None) -> dict[str, Any]:
     """Test metrics of ``model``: the 2-D test split at the preset size, or the liver HU volumes."""
     prep = TASKS[task]["preprocessing"]
     if task == "liver":
         root = resolve_source(task, source or LIVER_TEST_SOURCE, data_root)
         vols = load_volumes(root, "test", data_root=Path(data_root) if data_root else None, limit=limit)
-        return evaluate_volumes(model, vols, model_size, prep["ct_window"], flip_tta)
+        return evaluate_volumes(model, vols, model_size, ct_window or prep["ct_window"], flip_tta)
     test = load_split(task, "test", source=source, data_root=data_root, size=prep["input_size"], limit=limit)
     return evaluate_2d(model, test, model_size, flip_tta)

@@ -133,7 +133,8 @@ def ship(run: str | Path, name: str | None = None, note: str = "", flip_tta: boo
             probe = load_split(task, "test", source=spec.get("source"), data_root=root, limit=8).images
         metrics["fp16_check"] = fp16_drift(model, shipped, probe, size)
     else:
-        metrics = test_model(shipped, task, size, root, spec.get("test_source"), flip_tta, spec.get("limit_test"))
+        metrics = test_model(shipped, task, size, root, spec.get("test_source"), flip_tta, spec.get("limit_test"),
+                             config["preprocessing"].get("ct_window"))
         metrics["measured_on"] = "shipped fp16 weights"
     config = dict(config, training=config.get("training", {}))
     card = model_card(name, task, config, metrics, cmd, note)
@@ -152,6 +153,8 @@ def _cli_args(spec: dict[str, Any]) -> list[str]:
     for k, flag in simple.items():
         if spec.get(k) is not None and spec.get(k) != "":
             args.append(f"{flag} {spec[k]}")
+    if spec.get("ct_window"):
+        args.append("--ct-window " + " ".join(f"{v:g}" for v in spec["ct_window"]))
     if spec.get("patience") is None:
         args.append("--patience 0")
     if spec.get("input_size"):

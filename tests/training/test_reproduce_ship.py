@@ -69,3 +69,31 @@ def test_cli_fit_then_evaluate(tmp_path, capsys):
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["n"] == 4
     assert abs(saved["dice"] - json.loads((out / "metrics.json").read_text())["test"]["dice"]) < 1e-6
+
+
+def test_liver_paper_window_from_hu_volumes(tmp_path):
+    """Train on LiTS-layout HU volumes through the paper's window [-1000, 1000]; config and test use it."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from training.__main__ import main
+
+    src = shared_data("liver")
+    ct = np.asarray(nib.load(str(src / "images" / "ircadb1_07.nii.gz")).dataobj)[:, :, 60:64]
+    seg = np.asarray(nib.load(str(src / "masks" / "ircadb1_07.nii.gz")).dataobj)[:, :, 60:64]
+    lits = tmp_path / "lits"
+    lits.mkdir()
+    for n in (3, 40, 41):  # 3: paper test volume; 40, 41: train/val volumes of lits_paper_split.csv
+        nib.save(nib.Nifti1Image(ct.astype(np.int16), np.eye(4)), str(lits / f"volume-{n}.nii"))
+        nib.save(nib.Nifti1Image(seg.astype(np.uint8), np.eye(4)), str(lits / f"segmentation-{n}.nii"))
+    shutil.copy(src / "lits_paper_split.csv", lits / "lits_paper_split.csv")
+    out = tmp_path / "run"
+    assert main(["fit", "--task", "liver", "--arch", "unet", "--base-filters", "4", "--source", str(lits),
+                 "--test-source", str(lits), "--ct-window", "-1000", "1000", "--max-steps", "1",
+                 "--batch-size", "4", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    _, config = load_checkpoint(out / "model")
+    assert config["preprocessing"]["ct_window"] == [-1000.0, 1000.0]
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert test["ct_window"] == [-1000.0, 1000.0] and [v["id"] for v in test["volumes"]] == ["volume-3"]
