@@ -35,3 +35,12 @@ def _seed_and_threads():
 def _isolated_user_models(tmp_path_factory, monkeypatch):
     """Never touch the real user models folder from a test."""
     monkeypatch.setenv("NAPARI_SDUNET_MODELS", str(tmp_path_factory.mktemp("user_models")))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread (and do not thrash a busy CI machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from napari_sdunet.checkpoint import read_config
 from napari_sdunet.io import read_image, read_mask
@@ -17,13 +16,7 @@ from napari_sdunet.zoo import list_user_models, user_models_dir
 from tests.conftest import shared_data
 from tests.test_inference import make_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _polyp_video(n: int = 6) -> tuple[np.ndarray, np.ndarray]:
