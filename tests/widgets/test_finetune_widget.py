@@ -96,6 +96,15 @@ def test_finetune_from_layers_saves_a_user_model_listed_everywhere(make_napari_v
     # the user's layers are untouched
     assert np.array_equal(image.data, kept[0]) and np.array_equal(labels.data, kept[1])
     assert len(viewer.layers) == 2
+    # ... and the loop closes: segment again with the fine-tuned model
+    segment.models.combo.value = mine
+    segment.image.value = image
+    assert segment.run() is not None
+    _wait(qtbot, segment)
+    assert errors == [] and segment.runner.status.value.startswith("done"), segment.runner.status.value
+    assert len(viewer.layers) == 3
+    assert viewer.layers[-1].name == f"polyps-mine mask [{image.name}]"
+    assert viewer.layers[-1].data.shape == labels.data.shape
 
 
 @pytest.mark.shared_data
