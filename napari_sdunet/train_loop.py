@@ -72,14 +72,12 @@ class FitResult:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda, then mps, then cpu."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """A torch.device as given; a name is checked by :func:`napari_sdunet.inference.pick_device`."""
+    if isinstance(device, torch.device):
+        return device
+    from .inference import pick_device
+
+    return pick_device(str(device))
 
 
 def seed_everything(seed: int) -> None:
