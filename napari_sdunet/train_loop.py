@@ -36,7 +36,8 @@ class FitConfig:
     weight_decay: float = 0.0
     val_every: int = 0
     patience: int | None = 30
-    amp: bool = True
+    amp: bool = True  # float16 autocast + grad scaling on CUDA
+    cpu_bf16: bool = False  # bfloat16 autocast on CPU: ~2x faster steps where the CPU has AVX-512 BF16 / AMX
     seed: int = 0
     num_workers: int = 0
     trainable: str = "all"  # "all" or "decoder"
@@ -234,7 +235,9 @@ def fit(
     if cfg.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     use_amp = cfg.amp and dev.type == "cuda"
+    use_bf16 = cfg.cpu_bf16 and dev.type == "cpu"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16
 
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     best_dice, best_step, step, checks_since_best = -1.0, 0, 0, 0
@@ -297,9 +300,9 @@ def fit(
                 cancelled = True
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=use_amp or use_bf16):
                 logits = net(x)
-            loss = dice_bce_loss(logits, y)
+            loss = dice_bce_loss(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:

@@ -89,3 +89,18 @@ def test_decoder_only_freezes_encoder():
 def test_no_validation_set_keeps_final_weights():
     res = fit(_small_unet(), _blobs(), None, FitConfig(epochs=1, batch_size=4), device="cpu")
     assert math.isnan(res.history[-1]["val_dice"])
+
+
+def test_cpu_bf16_trains_in_bfloat16_and_keeps_fp32_weights():
+    model = create_model("sdunet", task="nuclei", base_filters=4)
+    dtypes = set()
+    hook = model.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype) if m.training else None)
+    seen = []
+    res = fit(model, _blobs(), None, FitConfig(epochs=25, lr=5e-3, batch_size=4, patience=None, cpu_bf16=True),
+              device="cpu", on_progress=seen.append)
+    hook.remove()
+    losses = [p.loss for p in seen if p.kind == "step"]
+    assert dtypes == {torch.bfloat16}  # the forward ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(math.isfinite(v) for v in losses) and sum(losses[-6:]) < 0.8 * sum(losses[:6])
+    assert res.steps == 75

@@ -43,6 +43,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-filters", type=int, help="override the network width")
     p.add_argument("--time-budget", type=float, help="minutes of training; then stop and keep the best weights")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast on CPU (about 2x faster steps on CPUs with AVX-512 BF16 or AMX)")
 
 
 def _spec_kwargs(a: argparse.Namespace) -> dict:
@@ -52,7 +54,7 @@ def _spec_kwargs(a: argparse.Namespace) -> dict:
                 patience=a.patience or None, val_every=a.val_every, augment=a.augment, flip_tta=a.flip_tta,
                 limit_train=a.limit_train, limit_val=a.limit_val, limit_test=a.limit_test, model_overrides=over,
                 lr_schedule=a.lr_schedule, threads=a.threads, device=a.device, ct_window=a.ct_window,
-                time_budget_s=a.time_budget * 60 if a.time_budget else None)
+                time_budget_s=a.time_budget * 60 if a.time_budget else None, cpu_bf16=a.bf16)
 
 
 def cmd_fit(a: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ class RunSpec:
     time_budget_s: float | None = None  # stop training (keeping the best weights) after this long
     ct_window: list[float] | None = None  # liver: HU window of HU-volume sources (None: the preset's)
     warm_gate_bias: float | None = 3.0  # see warm_start; None: leave the ResSDN gates as initialised
+    cpu_bf16: bool = False  # bfloat16 autocast when training on CPU (FitConfig.cpu_bf16)
 
 
 def git_commit() -> str:
@@ -172,7 +173,7 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
     cfg = FitConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr or t_task["lr"],
                     batch_size=spec.batch_size or t_task["batch_size"], patience=spec.patience,
                     val_every=spec.val_every, seed=spec.seed, lr_schedule=spec.lr_schedule,
-                    validate_on_stop=True)
+                    validate_on_stop=True, cpu_bf16=spec.cpu_bf16)
     f, writer = _csv_logger(out / "log.csv") if rank == 0 else (None, None)
     bar = tqdm(total=None, desc=f"{spec.arch}-{spec.task}", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
