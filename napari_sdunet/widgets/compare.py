@@ -175,7 +175,8 @@ class CompareWidget(Container):
         else:
             self.overlay.data = codes
             self.overlay.name = f"TP/FP/FN [{pred.name} vs {ref.name}]"
-        self.table.value = {"data": rows, "index": index, "columns": COLUMNS}
+        shown = [[f"{v:.4f}" if isinstance(v, float) else v for v in r] for r in rows]  # no 1e-05 in the table
+        self.table.value = {"data": shown, "index": index, "columns": COLUMNS}
         overall = dict(zip(COLUMNS, rows[-1]))
         self.summary.value = (f"Dice {overall['dice']:.4f}  Jaccard {overall['jaccard']:.4f}  "
                               f"precision {overall['precision']:.4f}  recall {overall['recall']:.4f}"

@@ -75,7 +75,8 @@ def test_compare_3d_rows(make_napari_viewer):
     assert w.compare()
     assert w.table.row_headers == ("slice 0", "slice 1", "slice 2", "overall")
     # overall pools the slices: TP 8 + 16 + 0, FP 8 + 0 + 0, FN 8 + 0 + 16 -> Dice 48 / 80
-    assert [row[0] for row in w.table.data] == [0.5, 1.0, 0.0, 0.6]
+    assert [row[0] for row in w.table.data] == ["0.5000", "1.0000", "0.0000", "0.6000"]
+    assert w.metrics["dice"] == 0.6
     assert list(w.table.data[3][4:]) == [24, 8, 24]
 
 
