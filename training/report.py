@@ -15,6 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from napari_sdunet.zoo import PACKAGE_WEIGHTS
 
 from .reproduce import NAMES, collect, make_table, write_outputs
@@ -37,6 +39,26 @@ def runs_block(task: str, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: SD network -> the baseline it extends (same encoder-decoder, SDN layers added)
+PAIRS = {"sdunet": "unet", "sdnunet": "unetpp"}
+
+
+def paired_block(task: str, out: Path) -> str:
+    """Per-seed differences SD network - its baseline (same seed, same data order): mean ± sd, wins."""
+    by = {(r["arch"], r["seed"]): r["dice"] for r in collect(out)}
+    lines = ["| comparison (same seeds) | seeds | Dice difference (points) | SD network better in |",
+             "|---|---|---|---|"]
+    for sd, base in PAIRS.items():
+        seeds = sorted(s for (a, s) in by if a == sd and (base, s) in by)
+        if not seeds:
+            continue
+        d = np.array([by[(sd, s)] - by[(base, s)] for s in seeds])
+        spread = f" ± {d.std(ddof=1):.2f}" if len(d) > 1 else ""
+        lines.append(f"| {NAMES[sd]} − {NAMES[base]} | {len(d)} | {d.mean():+.2f}{spread} | "
+                     f"{int((d > 0).sum())} of {len(d)} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def shipped_block() -> str:
     lines = ["| model | test metric | ours | issue target | met? | size |", "|---|---|---|---|---|---|"]
     for folder in sorted(p for p in PACKAGE_WEIGHTS.iterdir() if (p / "config.json").is_file()):
@@ -55,17 +77,23 @@ def shipped_block() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.report", description=__doc__)
     ap.add_argument("--repro", nargs="*", default=[], help="reproduce output folders")
-    ap.add_argument("--plots", help="copy each task's table.png here as <task>.png")
+    ap.add_argument("--plots", help="copy each task's table.png here as <task><suffix>.png")
+    ap.add_argument("--plot-suffix", default="", help="e.g. -equal-steps: results/nuclei-equal-steps.png")
+    ap.add_argument("--no-shipped", action="store_true", help="leave out the shipped-models table")
     a = ap.parse_args(argv)
     for d in map(Path, a.repro):
         task = json.loads(next(d.glob("*/run*/metrics.json")).read_text())["spec"]["task"]
         write_outputs(task, d)
         print(runs_block(task, d))
+        paired = paired_block(task, d)
+        if paired:
+            print(paired)
         if a.plots:
             Path(a.plots).mkdir(parents=True, exist_ok=True)
-            shutil.copy(d / "table.png", Path(a.plots) / f"{task}.png")
-    print("### shipped models\n")
-    print(shipped_block())
+            shutil.copy(d / "table.png", Path(a.plots) / f"{task}{a.plot_suffix}.png")
+    if not a.no_shipped:
+        print("### shipped models\n")
+        print(shipped_block())
     return 0
 
 

@@ -97,3 +97,18 @@ def test_liver_paper_window_from_hu_volumes(tmp_path):
     assert config["preprocessing"]["ct_window"] == [-1000.0, 1000.0]
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert test["ct_window"] == [-1000.0, 1000.0] and [v["id"] for v in test["volumes"]] == ["volume-3"]
+
+
+def test_paired_block_compares_same_seeds(tmp_path):
+    from training.report import paired_block
+
+    dice = {("unet", 0): 0.80, ("unet", 1): 0.70, ("sdunet", 0): 0.85, ("sdunet", 1): 0.68, ("sdunet", 2): 0.9}
+    for (arch, seed), d in dice.items():
+        run = tmp_path / arch / f"run{seed}"
+        run.mkdir(parents=True)
+        rec = {"spec": {"arch": arch, "seed": seed}, "fit": {"steps": 1, "seconds": 1.0},
+               "test": {"dice": d, "jaccard": d, "global_dice": d, "paper_batch_dice": d}}
+        (run / "metrics.json").write_text(json.dumps(rec))
+    block = paired_block("nuclei", tmp_path)
+    # seed 2 has no U-Net partner: left out; differences +5 and -2 points
+    assert "| SDU-Net − U-Net | 2 | +1.50 ± 4.95 | 1 of 2 |" in block and "U-Net++" not in block
