@@ -85,8 +85,9 @@ def train_base(task: str, arch: str, out: Path, steps: int, lr: float, batch_siz
     """A briefly trained base model (training split only) for when no shipped weights exist."""
     import torch
 
+    from napari_sdunet.augment import Augmented
     from napari_sdunet.checkpoint import save_checkpoint
-    from napari_sdunet.finetune import Augmented, FrameDataset, LabelledImage, labelled_frames
+    from napari_sdunet.finetune import FrameDataset, LabelledImage, labelled_frames
     from napari_sdunet.io import read_image, read_mask
     from napari_sdunet.models import TASKS, create_model
     from napari_sdunet.train_loop import FitConfig, fit

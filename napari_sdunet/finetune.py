@@ -142,39 +142,6 @@ class FrameDataset:
         return self.x[i], self.y[i]
 
 
-class Augmented:
-    """Random flips, 90° rotations (square inputs only) and a small brightness/contrast jitter.
-
-    Wraps a dataset of ``(x, y)`` tensors; uses torch's global RNG, which the training loop seeds.
-    """
-
-    def __init__(self, base: Any, flips: bool = True, rot90: bool = True, intensity: float = 0.1) -> None:
-        self.base, self.flips, self.rot90, self.intensity = base, flips, rot90, intensity
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        x, y = self.base[i]
-        if self.flips:
-            if torch.rand(()) < 0.5:
-                x, y = x.flip(-1), y.flip(-1)
-            if torch.rand(()) < 0.5:
-                x, y = x.flip(-2), y.flip(-2)
-        if self.rot90 and x.shape[-1] == x.shape[-2]:
-            k = int(torch.randint(0, 4, ()))
-            if k:
-                x, y = x.rot90(k, (-2, -1)), y.rot90(k, (-2, -1))
-        if self.intensity > 0:
-            j = self.intensity
-            gain = 1 + (torch.rand(()) * 2 - 1) * j
-            bias = (torch.rand(()) * 2 - 1) * j
-            x = ((x - x.mean()) * gain + x.mean() + bias).clamp(0, 1)
-        return x.contiguous(), y.contiguous()
-
-
 VAL_SPLITS = ("end", "random")
 
 
@@ -392,6 +359,7 @@ def finetune(
     When ``should_stop()`` turns true the run ends without writing anything and the result has
     ``cancelled=True`` and ``path=None``.
     """
+    from .augment import Augmented
     from .checkpoint import load_checkpoint, save_checkpoint
     from .inference import pick_device
     from .train_loop import FitConfig, Progress, evaluate_dice, fit

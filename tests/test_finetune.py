@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from napari_sdunet.augment import Augmented
 from napari_sdunet.checkpoint import load_checkpoint, read_config, save_checkpoint
 from napari_sdunet.finetune import (
-    Augmented,
     FinetuneError,
     LabelledImage,
     finetune,
@@ -62,7 +62,7 @@ def base_model(tmp_path):
 def pretrained_base(tmp_path):
     """A small U-Net trained for a few seconds on 12 colour (H&E-like) nuclei training images: a base
     model with real BatchNorm statistics that is weak on the grey fluorescence images used below."""
-    from napari_sdunet.finetune import Augmented, FrameDataset, LabelledImage, labelled_frames
+    from napari_sdunet.finetune import FrameDataset, LabelledImage, labelled_frames
     from napari_sdunet.io import read_image, read_mask
     from napari_sdunet.train_loop import FitConfig, fit
 
@@ -198,7 +198,7 @@ def test_labelled_frames_of_a_stack_are_the_painted_and_marked_slices():
     assert len(two_d) == 1 and two_d[0].has_c  # a 2-D pair counts even with no object
 
 
-def test_split_and_augmentation_keep_image_and_mask_aligned():
+def test_split_frames():
     frames = list(range(10))
     assert split_frames(frames, 0.2) == (list(range(8)), [8, 9])  # the last frames: not near-copies
     train, val = split_frames(frames, 0.2, seed=1, how="random")
@@ -206,17 +206,6 @@ def test_split_and_augmentation_keep_image_and_mask_aligned():
     assert split_frames([0], 0.5) == ([0], [])
     with pytest.raises(FinetuneError):
         split_frames(frames, 1.0)
-    y = (torch.rand(1, 24, 24) > 0.7).float()
-    x = y.repeat(3, 1, 1)
-    aug = Augmented([(x, y)], intensity=0.0)
-    torch.manual_seed(3)
-    for _ in range(10):
-        xa, ya = aug[0]
-        assert torch.equal(xa[0], ya[0])
-    rect = Augmented([(torch.rand(3, 16, 24), torch.zeros(1, 16, 24))])
-    assert rect[0][0].shape == (3, 16, 24)  # no 90° rotation of non-square frames
-    xa, _ = Augmented([(torch.full((3, 8, 8), 0.5), torch.zeros(1, 8, 8))], intensity=0.2)[0]
-    assert 0.0 <= float(xa.min()) and float(xa.max()) <= 1.0
 
 
 def test_bad_requests_fail_before_training(tmp_path, base_model):
