@@ -225,16 +225,19 @@ def _prepare_batch(frames: np.ndarray, has_c: bool, prep: dict[str, Any]) -> tor
     return torch.stack([to_model_input(np.asarray(f), prep, channel_axis=has_c) for f in frames])
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Sigmoid probabilities (N, 1, h, w); with ``tta`` the mean over identity, h-, v- and hv-flips."""
+def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Sigmoid probabilities (N, 1, h, w); with ``tta`` the mean over identity, h-, v- and hv-flips.
+
+    The one test-time-flip rule of the project: the plugin, validation and the test metrics use it.
+    """
     import torch
 
-    logits = model(x)[:, :1]
+    logits = model(x)[:, :1].float()
     if not tta:
         return torch.sigmoid(logits)
     prob = torch.sigmoid(logits)
     for dims in ((-1,), (-2,), (-2, -1)):
-        prob = prob + torch.sigmoid(model(torch.flip(x, dims))[:, :1]).flip(dims)
+        prob = prob + torch.sigmoid(model(torch.flip(x, dims))[:, :1].float()).flip(dims)
     return prob / 4
 
 
@@ -263,7 +266,7 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
-            prob = _forward(loaded.model, x, tta)
+            prob = predict_probabilities(loaded.model, x, tta)
             out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
             yield stop, n
     return out.reshape(spatial_shape(np.shape(data), axes))

@@ -19,9 +19,9 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * bce + (1 - soft_dice(logits, target).mean())
 
 
-def hard_dice(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Per-sample Dice of thresholded predictions (B,), empty prediction + empty target = 1."""
-    p = (torch.sigmoid(logits.float()) > threshold).flatten(1)
+def hard_dice(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-sample Dice of thresholded probabilities (B,), empty prediction + empty target = 1."""
+    p = (probs > threshold).flatten(1)
     t = (target > 0.5).flatten(1)
     inter = (p & t).sum(1).float()
     den = (p.sum(1) + t.sum(1)).float()

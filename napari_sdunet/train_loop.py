@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .inference import predict_probabilities
 from .losses import dice_bce_loss, hard_dice
 
 
@@ -115,20 +116,9 @@ def evaluate_dice(model: torch.nn.Module, data: Dataset, batch_size: int = 20,
     scores = []
     for x, y in DataLoader(data, batch_size=batch_size):
         x = x.to(device)
-        logits = predict_logits(model, x, flip_tta)
-        scores.append(hard_dice(logits.cpu(), y))
+        scores.append(hard_dice(predict_probabilities(model, x, flip_tta).cpu(), y))
     model.train(was_training)
     return float(torch.cat(scores).mean()) if scores else math.nan
-
-
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
-    """Logits of ``model`` on ``x``; with ``flip_tta`` the mean over identity + h/v flips."""
-    if not flip_tta:
-        return model(x).float()
-    out = model(x).float()
-    out += model(x.flip(-1)).float().flip(-1)
-    out += model(x.flip(-2)).float().flip(-2)
-    return out / 3
 
 
 # -- training state for resume (safetensors + JSON, no pickle) -----------------------------------

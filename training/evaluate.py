@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_sdunet.inference import predict_probabilities
 from napari_sdunet.metrics import dice as dice_score
 from napari_sdunet.metrics import jaccard as jaccard_score
 from napari_sdunet.metrics import summarize
-from napari_sdunet.train_loop import predict_logits
 
 from .datasets import SegDataset, _resize_image, volume_slices
 
@@ -36,7 +36,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, model_size: Sequ
         x = images[i:i + batch_size]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         size = tuple(x.shape[-2:])
-        p = torch.sigmoid(predict_logits(model, _resize_image(x, model_size).to(dev), flip_tta)).float().cpu()
+        p = predict_probabilities(model, _resize_image(x, model_size).to(dev), flip_tta).cpu()
         out.append(_resize_image(p, size) if tuple(p.shape[-2:]) != size else p)
     return torch.cat(out) if out else torch.empty(0)
 
