@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.report", description=__doc__)
     ap.add_argument("--repro", nargs="*", default=[], help="reproduce output folders")
     ap.add_argument("--plots", help="copy each task's table.png here as <task><suffix>.png")
-    ap.add_argument("--plot-suffix", default="", help="e.g. -equal-steps: results/nuclei-equal-steps.png")
+    ap.add_argument("--plot-suffix", default="", help="e.g. --plot-suffix=-equal-steps: results/nuclei-equal-steps.png")
     ap.add_argument("--no-shipped", action="store_true", help="leave out the shipped-models table")
     a = ap.parse_args(argv)
     for d in map(Path, a.repro):
