@@ -69,10 +69,10 @@ def make_plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     archs = [a for a in NAMES if any(r["arch"] == a for r in rows)]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 3.9), dpi=120)
     x = np.arange(len(archs))
     ours = [[r["dice"] for r in rows if r["arch"] == a] for a in archs]
-    ax.bar(x - 0.2, [np.mean(v) for v in ours], 0.4, yerr=[np.std(v) for v in ours],
+    ax.bar(x - 0.2, [np.mean(v) for v in ours], 0.4, yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in ours],
            label="ours (" + ("per-volume 3-D Dice" if task == "liver" else "per-image Dice") + ")", color="#4477aa")
     for i, v in enumerate(ours):
         ax.plot([i - 0.2] * len(v), v, "k.", ms=4)
@@ -83,7 +83,7 @@ def make_plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
     lo = min([min(v) for v in ours] + [PAPER_TABLE2[task][a][0] for a in archs])
     ax.set_ylim(max(0, lo - 10), 100)
     ax.set_title(f"{task}: ours vs. paper")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
