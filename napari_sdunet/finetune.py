@@ -15,7 +15,6 @@ import datetime as _dt
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,22 +97,17 @@ def labelled_frames(item: LabelledImage) -> list[Frame]:
     return [Frame(np.asarray(frames[i]), labels[i] > 0, has_c, item.name, i) for i in keep]
 
 
-def _natural_key(name: str) -> list[Any]:
-    """'frame10' after 'frame9': file names in the order of the numbers in them."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def pairs_from_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLike,
                        axes: str | None = None) -> list[LabelledImage]:
     """Image files and mask files matched by file stem (any resolution; stacks and NIfTI too), in the
     natural order of their names (frame2 before frame10)."""
-    from .io import list_images, read_image, read_mask, stem
+    from .io import list_images, natural_key, read_image, read_mask, stem
 
     masks = {}
     for m in list_images(masks_dir):
         masks.setdefault(stem(m), m)
     out = []
-    for im in sorted(list_images(images_dir), key=lambda p: _natural_key(stem(p))):
+    for im in sorted(list_images(images_dir), key=lambda p: natural_key(stem(p))):
         s = stem(im)
         if s not in masks:
             continue

@@ -9,6 +9,7 @@ viewer. Every write goes to a temporary file in the target folder and is renamed
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,11 @@ def suffix(path: str | os.PathLike) -> str:
     """Lower-case extension, with ``.nii.gz`` as one."""
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts 'frame10' after 'frame9' (numbers compared as numbers, case ignored)."""
+    return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name))
 
 
 def stem(path: str | os.PathLike) -> str:

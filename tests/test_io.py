@@ -107,3 +107,8 @@ def test_samples_load(name, shapes):
     assert [d.shape for d, _, _ in layers] == shapes
     assert [k for _, _, k in layers] == ["image", "labels"]
     assert layers[1][0].max() > 0
+
+
+def test_natural_key_orders_numbers_as_numbers():
+    names = ["frame10", "Frame2", "frame1", "volume-100", "volume-9"]
+    assert sorted(names, key=io.natural_key) == ["frame1", "Frame2", "frame10", "volume-9", "volume-100"]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from napari_sdunet.io import natural_key
 from napari_sdunet.models import TASKS
 
 #: CVC-ClinicDB frame ranges of its 29 video sequences (published with the data set).
@@ -194,7 +195,7 @@ def _want(split: str | Sequence[str]) -> set[str]:
 
 def _uniform_2d(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
     table = _read_split_csv(root / "split.csv")
-    ids = spread([i for i in sorted(table, key=_natural_key) if table[i][0] in splits], limit)
+    ids = spread([i for i in sorted(table, key=natural_key) if table[i][0] in splits], limit)
     pairs = []
     for i in ids:
         img = read_image(root / "images" / f"{i}.png")
@@ -208,10 +209,6 @@ def spread(items: list, limit: int | None) -> list:
         return list(items)
     step = len(items) / limit
     return [items[int(i * step)] for i in range(limit)]
-
-
-def _natural_key(s: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
 def _dsb2018(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
@@ -284,12 +281,12 @@ def _hu_volume_pairs(root: Path) -> list[tuple[str, Path, Path]]:
     """(id, ct, mask) of a volume folder: images/+masks/ (same names) or LiTS volume-N/segmentation-N."""
     out = []
     if (root / "images").is_dir():
-        for p in sorted((root / "images").iterdir(), key=lambda p: _natural_key(p.name)):
+        for p in sorted((root / "images").iterdir(), key=lambda p: natural_key(p.name)):
             if p.name.endswith((".nii", ".nii.gz")):
                 vid = p.name.split(".nii")[0]
                 out.append((vid, p, root / "masks" / p.name))
     else:
-        for p in sorted(root.glob("volume-*.nii*"), key=lambda p: _natural_key(p.name)):
+        for p in sorted(root.glob("volume-*.nii*"), key=lambda p: natural_key(p.name)):
             n = re.match(r"volume-(\d+)\.nii", p.name).group(1)
             seg = next(iter(sorted(root.glob(f"segmentation-{n}.nii*"))), None)
             if seg is None:
