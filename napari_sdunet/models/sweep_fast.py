@@ -2,16 +2,15 @@
 
 Same math as :func:`napari_sdunet.models.sweep.sweep_loop` (spec §1.2), organised for throughput:
 
-* the prior term ``c = W_h h + b_h`` is not recurrent, so it is one GEMM over all lines (forward) and
-  its gradients are one GEMM each after the backward loop;
 * the output lives in a zero-padded buffer ``(T, B, L+2, S)``, so the 3-tap input of a step is a
-  strided window of the previous line (no padding/concatenation per step) and the dW_in GEMM can run
-  over all steps at once, one GEMM per tap;
+  strided window of the previous line (no padding/concatenation per step);
+* each step's GEMMs (prior term and taps forward; gradient to the previous line, prior-term input
+  gradient, dW_in and dW_h backward) run on per-step blocks that stay in cache, which measured faster
+  on CPU than one GEMM over all steps (benchmarks/README.md);
 * every per-step tensor is a preallocated buffer written with ``out=`` (no allocation in the loop:
   large allocations page-fault on every step on CPU);
-* backward is a reversed loop holding one GEMM per step (gradient to the previous line through
-  W_in^T, padded rows so the batch is one matrix) plus fused-by-hand gate derivatives; autograd
-  keeps no per-step graph.
+* backward is one reversed loop; the gate-derivative factors that do not depend on the incoming
+  gradient are computed for all steps in a few whole-tensor ops; autograd keeps no per-step graph.
 
 It is device-agnostic torch code (CPU first; on CUDA it is still launch-bound, see sweep_triton).
 Registered as "fast" at the head of ``AUTO_ORDER`` for CPU tensors.
@@ -28,13 +27,6 @@ def _taps(line_pad: torch.Tensor, L: int) -> torch.Tensor:
     """View (B, L, 3S) of the taps [i-1, i, i+1] of a zero-padded line (B, L+2, S), no copy."""
     B, _, S = line_pad.shape
     return line_pad.as_strided((B, L, 3 * S), ((L + 2) * S, S, 1), line_pad.storage_offset())
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
-    """a @ b, with operands rounded to ``lp`` (result back in a's dtype) when ``lp`` is given."""
-    if lp is None:
-        return a @ b
-    return (a.to(lp) @ b.to(lp)).to(a.dtype)
 
 
 def _padded(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -177,40 +169,6 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
     dx[0] = g
     return ((dx if need[0] else None), (dw_in if need[1] else None), (db_in if need[2] else None),
             (dw_h if need[3] else None), (db_h if need[4] else None))
-
-
-def backward_tail(dx: torch.Tensor, dapad: torch.Tensor, dc: torch.Tensor, x: torch.Tensor, w_h: torch.Tensor,
-                  out: torch.Tensor, need: tuple[bool, ...], lp: torch.dtype | None = None):
-    """Everything after the reversed loop: the prior term's input gradient and all weight gradients.
-
-    ``dx`` holds the direct-path gradients, ``dapad`` (T-1, B, L+2, 3S) the gate pre-activation
-    gradients in padded rows, ``dc`` (T-1, B, L, 3S) the prior-term gradients, ``out`` the padded
-    output (T, B, L+2, S). Each weight gradient is one GEMM over all steps (three for W_in: one per tap).
-    """
-    T, B, L, S = x.shape
-    S3 = 3 * S
-    dc_flat = dc.view(-1, S3)
-    if need[0]:
-        if lp is None:
-            dx[1:].view(-1, S).addmm_(dc_flat, w_h)
-        else:
-            dx[1:].view(-1, S).add_(_mm(dc_flat, w_h, lp))
-    dw_in = db_in = dw_h = db_h = None
-    if need[1]:
-        da_flat = dapad.view(-1, S3)
-        o_flat = out[:T - 1].reshape(-1, S)
-        # tap k of padded row j is row j + k - 1 of the previous line
-        if lp is not None:  # round once, not per tap
-            da_flat, o_flat = da_flat.to(lp), o_flat.to(lp)
-        dw_in = torch.cat((da_flat[1:].t() @ o_flat[:-1], da_flat.t() @ o_flat, da_flat[:-1].t() @ o_flat[1:]),
-                          1).to(dx.dtype)
-    if need[2]:
-        db_in = dapad.view(-1, S3).sum(0)
-    if need[3]:
-        dw_h = _mm(dc_flat.t(), x[1:].reshape(-1, S), lp)
-    if need[4]:
-        db_h = dc_flat.sum(0)
-    return (dx if need[0] else None), dw_in, db_in, dw_h, db_h
 
 
 class FastSweep(torch.autograd.Function):

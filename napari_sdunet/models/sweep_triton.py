@@ -28,7 +28,48 @@ import triton
 import triton.language as tl
 
 from .sweep import register_sweep
-from .sweep_fast import backward_tail
+
+# -- the tail of the backward pass: all-steps GEMMs after the reversed loop of step kernels --------
+
+def _mm(a: torch.Tensor, b: torch.Tensor, lp: torch.dtype | None) -> torch.Tensor:
+    """a @ b, with operands rounded to ``lp`` (result back in a's dtype) when ``lp`` is given."""
+    if lp is None:
+        return a @ b
+    return (a.to(lp) @ b.to(lp)).to(a.dtype)
+
+
+def backward_tail(dx: torch.Tensor, dapad: torch.Tensor, dc: torch.Tensor, x: torch.Tensor, w_h: torch.Tensor,
+                  out: torch.Tensor, need: tuple[bool, ...], lp: torch.dtype | None = None):
+    """Everything after the reversed loop: the prior term's input gradient and all weight gradients.
+
+    ``dx`` holds the direct-path gradients, ``dapad`` (T-1, B, L+2, 3S) the gate pre-activation
+    gradients in padded rows, ``dc`` (T-1, B, L, 3S) the prior-term gradients, ``out`` the padded
+    output (T, B, L+2, S). Each weight gradient is one GEMM over all steps (three for W_in: one per tap).
+    """
+    T, B, L, S = x.shape
+    S3 = 3 * S
+    dc_flat = dc.view(-1, S3)
+    if need[0]:
+        if lp is None:
+            dx[1:].view(-1, S).addmm_(dc_flat, w_h)
+        else:
+            dx[1:].view(-1, S).add_(_mm(dc_flat, w_h, lp))
+    dw_in = db_in = dw_h = db_h = None
+    if need[1]:
+        da_flat = dapad.view(-1, S3)
+        o_flat = out[:T - 1].reshape(-1, S)
+        # tap k of padded row j is row j + k - 1 of the previous line
+        if lp is not None:  # round once, not per tap
+            da_flat, o_flat = da_flat.to(lp), o_flat.to(lp)
+        dw_in = torch.cat((da_flat[1:].t() @ o_flat[:-1], da_flat.t() @ o_flat, da_flat[:-1].t() @ o_flat[1:]),
+                          1).to(dx.dtype)
+    if need[2]:
+        db_in = dapad.view(-1, S3).sum(0)
+    if need[3]:
+        dw_h = _mm(dc_flat.t(), x[1:].reshape(-1, S), lp)
+    if need[4]:
+        db_h = dc_flat.sum(0)
+    return (dx if need[0] else None), dw_in, db_in, dw_h, db_h
 
 
 @triton.jit
