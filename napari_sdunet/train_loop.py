@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .inference import predict_probabilities
+from .inference import pick_device, predict_probabilities
 from .losses import dice_bce_loss, hard_dice
 
 
@@ -77,8 +77,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """A torch.device as given; a name is checked by :func:`napari_sdunet.inference.pick_device`."""
     if isinstance(device, torch.device):
         return device
-    from .inference import pick_device
-
     return pick_device(str(device))
 
 

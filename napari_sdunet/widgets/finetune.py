@@ -94,7 +94,9 @@ class PairRow(Container):
             self.info.value = "choose an image and its corrected labels"
             return
         axes = proposed_axes(image)
-        spatial = tuple(np.shape(image.data)[:-1] if axes.endswith("C") else np.shape(image.data))
+        from ..inference import spatial_shape
+
+        spatial = spatial_shape(np.shape(image.data), axes) if axes else tuple(np.shape(image.data))
         if tuple(np.shape(labels.data)) != spatial:
             self.info.value = f"labels shape {tuple(np.shape(labels.data))} ≠ image {spatial}: pick matching layers"
             return
