@@ -243,11 +243,14 @@ def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool = F
 
 def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
                  modality: str | None = None, ct_window: Sequence[float] | None = None,
-                 tta: bool = False) -> Generator[tuple[int, int], None, np.ndarray]:
+                 tta: bool = False, scale: float = 1.0) -> Generator[tuple[int, int], None, np.ndarray]:
     """Generator: yields ``(frames_done, n_frames)`` after each batch and returns probabilities.
 
     ``data`` is one image or stack laid out as ``axes``; the result is float32 in [0, 1] with the
     spatial shape (the colour axis dropped). Stopping the generator between yields cancels the run.
+    Models whose preprocessing says ``mode: tiles`` run at the image's own pixel size in overlapping
+    tiles (:mod:`napari_sdunet.tiling`); ``scale`` then resizes each frame first (2: objects twice as
+    small as in training look as they did there). Other models see frames resized to their input size.
     """
     import torch
 
@@ -257,31 +260,57 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
     check_frames(frames, has_c)
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if not (np.isfinite(scale) and 0.05 <= scale <= 20):
+        raise InputError(f"scale must be a number between 0.05 and 20, got {scale}")
     prep = effective_preprocessing(loaded.config, modality, ct_window)
     prep["channels"] = loaded.in_channels
     n, hw = frames.shape[0], tuple(frames.shape[1:3])
     out = np.empty((n, *hw), dtype=np.float32)
     yield 0, n
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
-            prob = predict_probabilities(loaded.model, x, tta)
-            out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
-            yield stop, n
+        if prep.get("mode") == "tiles":
+            for i in range(n):
+                out[i] = _predict_tiles(loaded, np.asarray(frames[i]), has_c, prep, tta, scale)
+                yield i + 1, n
+        else:
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
+                prob = predict_probabilities(loaded.model, x, tta)
+                out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
+                yield stop, n
     return out.reshape(spatial_shape(np.shape(data), axes))
+
+
+def _predict_tiles(loaded: LoadedModel, frame: np.ndarray, has_c: bool, prep: dict[str, Any], tta: bool,
+                   scale: float) -> np.ndarray:
+    """One frame at its own pixel size (times ``scale``) in overlapping tiles, back at the frame's size."""
+    from .preprocess import resize, to_model_input
+    from .tiling import predict_tiled
+
+    hw = frame.shape[:2]
+    x = to_model_input(frame, dict(prep, input_size=None), channel_axis=has_c)[None]
+    if scale != 1.0:
+        x = resize(x, (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))))
+    x = x.to(loaded.device)
+    tile = prep.get("tile_size") or prep.get("input_size") or (256, 256)
+    multiple = 2 ** int(getattr(loaded.model, "depth", 4))
+    prob = predict_tiled(lambda b: predict_probabilities(loaded.model, b, tta), x[0], tile,
+                         overlap=int(prep.get("tile_overlap", 32)), multiple=multiple)
+    prob = resize(prob[None, None], tuple(hw))[0, 0] if tuple(prob.shape) != tuple(hw) else prob
+    return prob.clamp_(0, 1).cpu().numpy()
 
 
 def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
             modality: str | None = None, ct_window: Sequence[float] | None = None, tta: bool = False,
-            progress: Callable[[int, int], None] | None = None,
+            scale: float = 1.0, progress: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Probabilities for ``data`` (see :func:`iter_predict`), with a progress callback and cancel.
 
     Raises :class:`Cancelled` when ``should_stop()`` turns True (checked between batches).
     """
     gen = iter_predict(loaded, data, axes, batch_size=batch_size, modality=modality,
-                       ct_window=ct_window, tta=tta)
+                       ct_window=ct_window, tta=tta, scale=scale)
     try:
         while True:
             done, total = next(gen)

@@ -42,10 +42,31 @@ class FitConfig:
     seed: int = 0
     num_workers: int = 0
     trainable: str = "all"  # "all" or "decoder"
-    lr_schedule: str = "constant"  # "constant" or "cosine"
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after ``warmup_steps`` of linear warm-up)
     grad_clip: float | None = None
     val_flip_tta: bool = False
     validate_on_stop: bool = False  # when cancelled, validate the last steps before keeping the best weights
+    optimizer: str = "adam"  # "adam" (the paper's) or "adamw" (decoupled weight decay)
+    warmup_steps: int = 0
+    min_lr_factor: float = 0.0  # cosine decays to lr * min_lr_factor
+    channels_last: bool = False  # NHWC weights and inputs (faster convolutions on many CPUs)
+    state_every_s: float | None = None  # also rewrite the resume state after this many seconds
+
+
+def lr_factor(cfg: FitConfig, step: int, total: int) -> float:
+    """The learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant or cosine.
+
+    A pure function of the step, so a resumed run continues the schedule exactly.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    span = max(1, total - cfg.warmup_steps)
+    t = min(max(step - cfg.warmup_steps, 0), span) / span
+    return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 @dataclass
@@ -71,6 +92,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # process CPU time over all sessions of this run (resumes included)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -135,8 +157,10 @@ def _save_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             t = v if torch.is_tensor(v) else torch.tensor(v)
             tensors[f"opt.{pid}.{k}"] = t.detach().cpu().contiguous()
     save_file(tensors, str(tmp / "state.safetensors"))
-    meta = dict(meta, param_groups=opt_state["param_groups"],
-                rng_torch=torch.get_rng_state().tolist(), rng_numpy_seed=int(np.random.randint(2**31)))
+    np_state = np.random.get_state()
+    meta = dict(meta, param_groups=opt_state["param_groups"], rng_torch=torch.get_rng_state().tolist(),
+                rng_numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+                rng_python=_jsonable(random.getstate()))
     (tmp / "state.json").write_text(json.dumps(meta))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
@@ -164,8 +188,21 @@ def _load_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
             state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(torch.tensor(meta["rng_torch"], dtype=torch.uint8))
-    np.random.seed(meta["rng_numpy_seed"])
+    if "rng_numpy" in meta:
+        kind, keys, *rest = meta["rng_numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+        random.setstate(_tuples(meta["rng_python"]))
+    else:  # states written before full RNG states were kept
+        np.random.seed(meta["rng_numpy_seed"])
     return best, meta
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def fit(
@@ -203,25 +240,37 @@ def fit(
     else:
         raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
     net: torch.nn.Module = model
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    opt = torch.optim.Adam(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
 
+    source = train_set if hasattr(train_set, "batch") else None  # a BatchSource: batches by step
     sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=len(train_set) > cfg.batch_size * world, num_workers=cfg.num_workers,
-                        generator=gen, pin_memory=dev.type == "cuda")
-    steps_per_epoch = max(1, len(loader))
+    if source is not None:
+        if world > 1:
+            raise ValueError("a BatchSource trains in one process; use a Dataset under DDP")
+        loader = None
+        steps_per_epoch = source.steps_per_epoch
+    else:
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                            drop_last=len(train_set) > cfg.batch_size * world, num_workers=cfg.num_workers,
+                            generator=gen, pin_memory=dev.type == "cuda")
+        steps_per_epoch = max(1, len(loader))
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     val_every = cfg.val_every or steps_per_epoch
-    sched = None
-    if cfg.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    lr_factor(cfg, 0, total)  # rejects an unknown schedule before any work
     use_amp = cfg.amp and dev.type == "cuda"
     use_bf16 = cfg.cpu_bf16 and dev.type == "cpu"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -229,14 +278,14 @@ def fit(
 
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     best_dice, best_step, step, checks_since_best = -1.0, 0, 0, 0
+    cpu_before = 0.0
     history: list[dict[str, float]] = []
     sdir = Path(state_dir) if state_dir else None
     if sdir is not None and (sdir / "state.json").is_file():
         best_state, meta = _load_state(sdir, model, opt)
         best_dice, best_step, step = meta["best_dice"], meta["best_step"], meta["step"]
         checks_since_best, history = meta["checks_since_best"], meta["history"]
-        if sched is not None:
-            sched.last_epoch = step
+        cpu_before = float(meta.get("cpu_seconds", 0.0))
     t0 = time.perf_counter()
     cancelled = stopped_early = False
 
@@ -244,11 +293,17 @@ def fit(
         if on_progress is not None and rank == 0:
             on_progress(p)
 
+    cpu0 = time.process_time()
+    last_save = time.perf_counter()
+
     def checkpoint_state() -> None:
+        nonlocal last_save
         if sdir is not None and rank == 0:
             _save_state(sdir, model, opt, best_state, dict(
                 step=step, best_dice=best_dice, best_step=best_step, checks_since_best=checks_since_best,
-                history=history, config=asdict(cfg)))
+                history=history, config=asdict(cfg), cpu_seconds=cpu_before + time.process_time() - cpu0,
+                lr_factor=lr_factor(cfg, max(step - 1, 0), total), total_steps=total))
+        last_save = time.perf_counter()
 
     running: list[float] = []
 
@@ -275,19 +330,31 @@ def fit(
         report(Progress("val", step, total, epoch, loss=mean_loss, val_dice=vd, best_val_dice=best_dice,
                         seconds=time.perf_counter() - t0))
 
-    while step < total and not (cancelled or stopped_early):
-        epoch = step // steps_per_epoch
+    def batches(epoch: int):
+        """(x, y) of the epoch from the step where it was left, the same after a resume."""
+        skip = step % steps_per_epoch
+        if source is not None:
+            for k in range(skip, steps_per_epoch):
+                yield source.batch(epoch * steps_per_epoch + k)
+            return
         if sampler is not None:
             sampler.set_epoch(epoch)
         gen.manual_seed(cfg.seed * 100003 + epoch)  # the same order after a resume
-        skip = step % steps_per_epoch
-        for i, (x, y) in enumerate(loader):
-            if i < skip:
-                continue
+        for i, xy in enumerate(loader):
+            if i >= skip:
+                yield xy
+
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    while step < total and not (cancelled or stopped_early):
+        epoch = step // steps_per_epoch
+        for x, y in batches(epoch):
             if should_stop is not None and should_stop():
                 cancelled = True
                 break
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(dev, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(cfg, step, total)
             with torch.autocast(dev.type, dtype=autocast_dtype, enabled=use_amp or use_bf16):
                 logits = net(x)
             loss = dice_bce_loss(logits.float(), y)
@@ -298,8 +365,6 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            if sched is not None:
-                sched.step()
             step += 1
             running.append(float(loss.detach()))
             report(Progress("step", step, total, epoch, loss=running[-1], best_val_dice=best_dice,
@@ -308,7 +373,8 @@ def fit(
                 validate(epoch)
                 if cfg.patience is not None and checks_since_best >= cfg.patience:
                     stopped_early = True
-            if step % state_every == 0:
+            if step % state_every == 0 or (
+                    cfg.state_every_s is not None and time.perf_counter() - last_save > cfg.state_every_s):
                 checkpoint_state()
             if step >= total or stopped_early:
                 break
@@ -319,4 +385,5 @@ def fit(
     model.eval()
     seconds = time.perf_counter() - t0
     report(Progress("done", step, total, step // steps_per_epoch, best_val_dice=best_dice, seconds=seconds))
-    return FitResult(best_dice, best_step, step, cancelled, stopped_early, seconds, history)
+    return FitResult(best_dice, best_step, step, cancelled, stopped_early, seconds, history,
+                     cpu_seconds=cpu_before + time.process_time() - cpu0)

@@ -1,0 +1,202 @@
+"""Training batches drawn from images held in RAM, augmented on the whole batch with torch ops.
+
+Why this exists: the SD networks cost many times the FLOPs of a U-Net, so on a 2-core CPU a
+training step must not wait for per-sample Python. :class:`BatchSource` keeps a split as uint8
+tensors (one stacked tensor for fixed-size frames, or a list of full-resolution images), and
+``batch(step)`` returns the step's batch as a pure function of ``(seed, step)``: a resumed run sees
+exactly the batches it would have seen, with no data-loader state to save.
+
+One geometric transform per sample -- random zoom, random position, one of the 8 flips/90-degree
+rotations (rotations on square patches only) -- is applied to image and mask together by a single
+``grid_sample`` call over the batch; the mask is resampled bilinearly and thresholded at 0.5, so it
+stays aligned with the image. Intensity jitter (brightness, contrast, saturation, per-channel gain,
+gamma) touches the image only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+#: The 8 dihedral transforms as 2x2 matrices acting on (x, y) sample coordinates; the first 4 keep
+#: the axes (identity and flips), the last 4 swap them (90-degree rotations, transposes).
+_DIHEDRAL = torch.tensor([
+    [[1, 0], [0, 1]], [[-1, 0], [0, 1]], [[1, 0], [0, -1]], [[-1, 0], [0, -1]],
+    [[0, 1], [1, 0]], [[0, -1], [1, 0]], [[0, 1], [-1, 0]], [[0, -1], [-1, 0]],
+], dtype=torch.float32)
+
+
+@dataclass
+class AugmentConfig:
+    """What a recipe may change; every field off means the batch is the data as stored.
+
+    ``scale``: (min, max) zoom factor, drawn log-uniformly (> 1 magnifies: objects look bigger).
+    ``intensity``: brightness/contrast amplitude; ``color``: saturation and per-channel gain
+    amplitude (RGB only); ``gamma``: amplitude of log-gamma; ``noise``: Gaussian noise sd.
+    """
+
+    flips: bool = False
+    rot90: bool = False
+    scale: tuple[float, float] = (1.0, 1.0)
+    intensity: float = 0.0
+    color: float = 0.0
+    gamma: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def geometric(self) -> bool:
+        return self.flips or self.rot90 or tuple(self.scale) != (1.0, 1.0)
+
+
+@dataclass
+class BatchSource:
+    """Batches of ``(x (B,C,h,w) float in [0,1], y (B,1,h,w) {0,1})`` for :func:`train_loop.fit`.
+
+    ``images``/``masks``: a uint8 tensor (N,C,H,W) / (N,1,H,W), or lists of (C,H,W) / (1,H,W)
+    uint8 tensors of any sizes. ``patch``: the training size (h, w); None: the stored frame size
+    (all frames must then share it). Each epoch visits every item once in a random order.
+    """
+
+    images: torch.Tensor | list[torch.Tensor]
+    masks: torch.Tensor | list[torch.Tensor]
+    batch_size: int
+    patch: Sequence[int] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.masks) or len(self.images) == 0:
+            raise ValueError(f"need as many masks as images (got {len(self.images)} and {len(self.masks)}), "
+                             "and at least one")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.patch is None:
+            sizes = {tuple(im.shape[-2:]) for im in self.images}
+            if len(sizes) != 1:
+                raise ValueError(f"frames of several sizes {sorted(sizes)[:4]}...: give a patch size")
+            self.patch = list(next(iter(sizes)))
+        self.patch = [int(self.patch[0]), int(self.patch[1])]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.images) // self.batch_size)
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The items of ``step``'s batch: a slice of that epoch's permutation."""
+        spe = self.steps_per_epoch
+        epoch, k = divmod(step, spe)
+        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        idx = perm[k * self.batch_size:(k + 1) * self.batch_size]
+        if len(idx) < self.batch_size:  # fewer items than one batch: wrap around
+            idx = perm.repeat(math.ceil(self.batch_size / len(perm)))[:self.batch_size]
+        return idx
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s batch (the same tensors every time it is asked for)."""
+        g = self._generator(step)
+        idx = self.indices(step).tolist()
+        aug = self.augment
+        ph, pw = self.patch
+        smin = float(aug.scale[0])
+        # 1. a window per sample, large enough for the smallest zoom (cheap uint8 slicing)
+        wh, ww = math.ceil(ph / smin), math.ceil(pw / smin)
+        xs, ys = [], []
+        for i in idx:
+            im, mk = self.images[i], self.masks[i]
+            x, y = _window(im, mk, (wh, ww), g)
+            xs.append(x)
+            ys.append(y)
+        x = torch.stack(xs).float().div_(255.0)
+        y = torch.stack(ys).float()
+        if y.max() > 1:
+            y = (y > 0).float()
+        # 2. one affine resampling for the batch: zoom, shift inside the window, flip/rotate
+        if aug.geometric or (wh, ww) != (ph, pw):
+            x, y = _resample(x, y, (ph, pw), aug, g)
+        # 3. intensity jitter on the image only
+        x = jitter_intensity(x, aug, g)
+        return x.contiguous(), y.contiguous()
+
+
+def _window(im: torch.Tensor, mk: torch.Tensor, size: tuple[int, int], g: torch.Generator,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``size`` window of image and mask at a random place (reflect-padded when the image is smaller)."""
+    h, w = im.shape[-2:]
+    wh, ww = size
+    if h < wh or w < ww:
+        ph, pw = max(0, wh - h), max(0, ww - w)
+        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        im = F.pad(im[None].float(), pads, mode=mode)[0].to(im.dtype)
+        mk = F.pad(mk[None].float(), pads, mode=mode)[0].to(mk.dtype)
+        h, w = im.shape[-2:]
+    top = int(torch.randint(0, h - wh + 1, (), generator=g))
+    left = int(torch.randint(0, w - ww + 1, (), generator=g))
+    return im[:, top:top + wh, left:left + ww], mk[:, top:top + wh, left:left + ww]
+
+
+def _resample(x: torch.Tensor, y: torch.Tensor, out: tuple[int, int], aug: AugmentConfig,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom/shift/flip/rotate every sample of the batch in one ``grid_sample`` (image and mask alike)."""
+    b, _, wh, ww = x.shape
+    ph, pw = out
+    smin, smax = float(aug.scale[0]), float(aug.scale[1])
+    log_s = torch.empty(b).uniform_(math.log(smin), math.log(smax), generator=g)
+    s = torch.exp(log_s)  # zoom: the output covers (ph/s, pw/s) input pixels
+    # 8 flips/rotations on square patches; on others the 4 that keep the shape (rot180 = both flips)
+    n_ops = 8 if (aug.rot90 and ph == pw) else (4 if (aug.flips or aug.rot90) else 1)
+    ops = torch.randint(0, n_ops, (b,), generator=g) if n_ops > 1 else torch.zeros(b, dtype=torch.long)
+    rot = _DIHEDRAL[ops]  # (b, 2, 2)
+    # half-extent of the sampled region in the window's normalised coordinates [-1, 1]
+    ext_x = (pw / s) / ww
+    ext_y = (ph / s) / wh
+    # random centre, so that a magnified region stays inside the window (a random crop)
+    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - ext_x).clamp_min(0)
+    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - ext_y).clamp_min(0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, :2] = rot[:, 0] * ext_x[:, None]
+    theta[:, 1, :2] = rot[:, 1] * ext_y[:, None]
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, 1, ph, pw], align_corners=False)
+    # the same padding for both, so that a reflected border carries its reflected labels
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="reflection", align_corners=False) >= 0.5).float()
+    return x, y
+
+
+def jitter_intensity(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Per-sample brightness / contrast / saturation / channel gain / gamma / noise, clipped to [0, 1]."""
+    b, c = x.shape[:2]
+    if aug.intensity <= 0 and aug.color <= 0 and aug.gamma <= 0 and aug.noise <= 0:
+        return x
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * 2 - 1
+
+    if aug.intensity > 0:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1 + aug.intensity * u(b, 1, 1, 1)
+        bright = aug.intensity * u(b, 1, 1, 1)
+        x = (x - mean) * contrast + mean + bright
+    if aug.color > 0 and c == 3:
+        grey = x.mean(dim=1, keepdim=True)
+        sat = 1 + aug.color * u(b, 1, 1, 1)
+        x = grey + (x - grey) * sat
+        x = x * (1 + 0.5 * aug.color * u(b, c, 1, 1))
+    x = x.clamp(0, 1)
+    if aug.gamma > 0:
+        x = x.pow(torch.exp(aug.gamma * u(b, 1, 1, 1)))
+    if aug.noise > 0:
+        x = (x + aug.noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return x
