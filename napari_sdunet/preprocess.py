@@ -12,9 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 
-class InputError(ValueError):
-    """The image cannot be segmented as given (wrong ndim, channels, NaN, empty, ...)."""
+#: Full scales tried, in order, for integer (and float > 1) images: 8, 10, 12, 14 and 16 bit. A
+#: 12-bit camera image stored as uint16 is scaled by 4095, so it looks like the 8-bit image the
+#: models were trained on (x / 255), not contrast-stretched image by image.
+BIT_DEPTH_SCALES = (255.0, 1023.0, 4095.0, 16383.0, 65535.0)
 
 
 def check_image(image: np.ndarray, channel_axis: bool) -> np.ndarray:
@@ -35,20 +38,35 @@ def check_image(image: np.ndarray, channel_axis: bool) -> np.ndarray:
 
 
 def normalize_intensity(arr: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
-    """Scale intensities to [0, 1]: a CT window for CT models, else by dtype / robust percentiles."""
-    x = arr.astype(np.float32, copy=False)
+    """Scale intensities to float32 [0, 1]: a CT window for CT models, else by bit depth.
+
+    uint8 -> x / 255 (how every model was trained); bool -> {0, 1}; floats already in [0, 1] are
+    kept; other non-negative data (uint16, int16, float 0..4095, ...) is divided by the smallest
+    full scale of :data:`BIT_DEPTH_SCALES` that holds its maximum, so a 12- or 16-bit copy of an
+    8-bit image segments like the original. Only data that fits none (negative values, or above
+    65535) is stretched between its 0.5 and 99.8 percentiles. Always float32: a float64 result
+    would reach the network as double and fail against its float32 weights.
+    """
+    x = np.asarray(arr).astype(np.float32, copy=False)
     window = prep.get("ct_window")
     if window:
-        lo, hi = float(window[0]), float(window[1])
-        return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+        lo, hi = np.float32(window[0]), np.float32(window[1])
+        return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)
     if arr.dtype == np.uint8:
-        return x / 255.0
-    lo, hi = np.percentile(x, (0.5, 99.8))
-    if arr.dtype.kind == "f" and lo >= 0.0 and x.max() <= 1.0:
-        return x  # already in [0, 1]
-    if hi <= lo:
+        return x / np.float32(255.0)
+    if arr.dtype == bool:
+        return x
+    lo, top = float(x.min()), float(x.max())
+    if lo >= 0.0:
+        if arr.dtype.kind == "f" and top <= 1.0:
+            return x  # already in [0, 1]
+        for scale in BIT_DEPTH_SCALES:
+            if top <= scale:
+                return x / np.float32(scale)
+    p_lo, p_hi = (np.float32(v) for v in np.percentile(x, (0.5, 99.8)))
+    if p_hi <= p_lo:
         return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((x - p_lo) / (p_hi - p_lo), 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -79,7 +97,7 @@ def to_model_input(image: np.ndarray, prep: dict[str, Any], channel_axis: bool |
         channel_axis = np.ndim(image) == 3
     arr = check_image(image, channel_axis)
     x = match_channels(normalize_intensity(arr, prep), int(prep.get("channels", 3)))
-    t = torch.from_numpy(x)[None]
+    t = torch.from_numpy(x.astype(np.float32, copy=False))[None]
     size = prep.get("input_size")
     if size:
         t = resize(t, (int(size[0]), int(size[1])))
@@ -92,8 +110,11 @@ def to_image_frame(prob: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def mask_to_model(mask: np.ndarray, prep: dict[str, Any]) -> torch.Tensor:
-    """A reference mask (H, W) -> float {0, 1} tensor (1, h, w) at the model's input size."""
-    t = torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))[None, None]
+    """A reference mask (H, W) -> float {0, 1} tensor (1, h, w) at the model's input size.
+
+    Any non-zero value is foreground (negative label values too), as documented for masks.
+    """
+    t = torch.from_numpy((np.asarray(mask) != 0).astype(np.float32))[None, None]
     size = prep.get("input_size")
     if size:
         t = (resize(t, (int(size[0]), int(size[1]))) >= 0.5).float()
