@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from .base import SegmentationModel
+from ..errors import ModelConfigError
+from .base import SegmentationModel, build_model
 from .presets import ARCHS, TASKS, preset_kwargs
 from .sdn import SDN, ResSDN
 from .unet import SDUNet, UNet
@@ -33,18 +34,21 @@ def create_model(arch: str, task: str | None = None, **overrides: Any) -> Segmen
 
     ``task`` is one of nuclei, polyps, liver (paper-parity shapes and SDN placement). Without a
     task, SD models use the polyps placement rule. Any constructor argument can be overridden,
-    e.g. ``sdn_state=64`` or ``in_channels=1``.
+    e.g. ``sdn_state=64`` or ``in_channels=1``. Every argument is checked by name, type and bounds
+    first; bad ones raise :class:`~napari_sdunet.errors.ModelConfigError`.
     """
+    if not isinstance(arch, str) or arch.lower() not in MODELS:
+        raise ModelConfigError(f"unknown architecture {arch!r}; choose from {', '.join(list_models())}")
     arch = arch.lower()
-    if arch not in MODELS:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {list_models()}")
+    if task is not None and task not in TASKS:
+        raise ModelConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kwargs: dict[str, Any] = {}
     if task is not None or ARCHS[arch]:
         kwargs = preset_kwargs(arch, task or _DEFAULT_TASKLESS)
         if task is None:
             kwargs.pop("in_channels")
     kwargs.update(overrides)
-    return MODELS[arch](**kwargs)
+    return build_model(MODELS[arch], kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
