@@ -172,27 +172,42 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
 
 
 class FastSweep(torch.autograd.Function):
-    """Autograd Function for one lines-major sweep with a hand-written backward."""
+    """Autograd Function for one lines-major sweep with a hand-written backward.
+
+    ``cpp``: run the fused C++ kernels (:mod:`.sweep_cpp`) instead of the pure-torch loop above.
+    """
 
     @staticmethod
-    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp):  # noqa: D102
+    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp, cpp):  # noqa: D102
         with _no_autocast(lines):
             x = lines.contiguous()
-            out, gates, prior = _forward(x, w_in, b_in, w_h, b_h, keep=True, lp=lp)
-        ctx.lp = lp
-        ctx.save_for_backward(x, w_in, w_h, out, gates, prior)
+            ctx.lp, ctx.cpp = lp, cpp
+            if cpp:
+                x_g = x.to(lp).contiguous() if lp else x
+                out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None)
+                # backward reads only the GEMM-dtype copies of input and state (bf16 with lp)
+                ctx.save_for_backward(x_g, out_g, saved, w_in, w_h)
+            else:
+                out, gates, prior = _forward(x, w_in, b_in, w_h, b_h, keep=True, lp=lp)
+                ctx.save_for_backward(x, w_in, w_h, out, gates, prior)
         return out[:, :, 1:-1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        x, w_in, w_h, out, gates, prior = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]
-        if x.shape[0] == 1:  # a single line: the sweep is the identity, the weights are unused
-            return grad, None, None, None, None, None
-        with _no_autocast(x):
-            grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
-        return (*grads, None)
+        if grad.shape[0] == 1:  # a single line: the sweep is the identity, the weights are unused
+            return grad, None, None, None, None, None, None
+        with _no_autocast(grad):
+            if ctx.cpp:
+                x_g, out_g, saved, w_in, w_h = ctx.saved_tensors
+                g = grad.to(w_in.dtype).contiguous()
+                grads = ctx.cpp.backward(g, x_g, out_g, saved, w_in, w_h, need[1], need[3])
+                grads = [d if n else None for d, n in zip(grads, need)]
+            else:
+                x, w_in, w_h, out, gates, prior = ctx.saved_tensors
+                grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
+        return (*grads, None, None)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -200,22 +215,45 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _apply(lines, w_in, b_in, w_h, b_h, lp):
+def _cpp_ops(x: torch.Tensor, use_cpp: bool):
+    """The C++ kernels where they run and pay: CPU, float64 (tests) or float32 with AVX-512 kernels."""
+    if not use_cpp or x.device.type != "cpu":
+        return None
+    from . import sweep_cpp
+
+    ops = sweep_cpp.ops()
+    if ops is None or (x.dtype != torch.float64 and not sweep_cpp.simd()):
+        return None
+    return ops
+
+
+def _apply(lines, w_in, b_in, w_h, b_h, lp, use_cpp=True):
     dtype = torch.float64 if lines.dtype == torch.float64 else torch.float32  # state and gate dtype
+    if dtype == torch.float64:
+        lp = None  # bf16 operands with a float64 state make no sense: stay exact
     x = lines.to(dtype)
-    w_in, b_in, w_h, b_h = (w.to(dtype) for w in (w_in, b_in, w_h, b_h))
+    w_in, b_in, w_h, b_h = (w.to(dtype).contiguous() for w in (w_in, b_in, w_h, b_h))
+    cpp = _cpp_ops(x, use_cpp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_h, b_h)):
-        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp)
+        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp)
     else:
         with _no_autocast(x):
-            out, _, _ = _forward(x.contiguous(), w_in, b_in, w_h, b_h, keep=False, lp=lp)
+            xc = x.contiguous()
+            if cpp:
+                x_g = lines.to(lp).contiguous() if lp else xc
+                out = cpp.forward(xc, x_g, w_in, b_in, w_h, b_h, False, lp is not None)[0]
+            else:
+                out, _, _ = _forward(xc, w_in, b_in, w_h, b_h, keep=False, lp=lp)
         y = out[:, :, 1:-1]
     return y.to(lines.dtype)
 
 
 def sweep_fast(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,
                b_h: torch.Tensor) -> torch.Tensor:
-    """Fast lines-major sweep (T, B, L, S); same values and gradients as ``sweep_loop``."""
+    """Fast lines-major sweep (T, B, L, S); same values and gradients as ``sweep_loop``.
+
+    C++ kernels where built (:mod:`.sweep_cpp`), else the pure-torch loop of this module.
+    """
     if lines.shape[0] == 0:
         return lines.clone()
     return _apply(lines, w_in, b_in, w_h, b_h, None)
@@ -225,24 +263,95 @@ def sweep_fast_bf16(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
                     b_h: torch.Tensor) -> torch.Tensor:
     """Mixed precision: bf16 GEMM operands (fp32 accumulation), fp32 state, gates and biases.
 
-    About 4x the fp32 GEMM throughput on CPUs with AVX512-BF16; not exact (see benchmarks/README.md).
-    Used by ``impl="auto"`` for bf16 inputs and under CPU autocast to bf16.
+    4.5x the fp32 GEMM throughput on this AVX512-BF16 CPU, more with AMX; not exact (see
+    benchmarks/README.md). ``impl="auto"`` uses it for bf16 inputs and under CPU autocast to bf16
+    where :func:`bf16_gemm_pays` (measured on the host), else ``fast`` in fp32.
     """
     if lines.shape[0] == 0:
         return lines.clone()
     return _apply(lines, w_in, b_in, w_h, b_h, torch.bfloat16)
 
 
-def _cpu_float(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+def sweep_fast_py(lines, w_in, b_in, w_h, b_h):
+    """``fast`` without the C++ kernels: the pure-torch loop (fallback, and a reference for tests)."""
+    return lines.clone() if lines.shape[0] == 0 else _apply(lines, w_in, b_in, w_h, b_h, None, use_cpp=False)
 
 
-def _cpu_bf16(x: torch.Tensor) -> bool:
-    if x.device.type != "cpu":
-        return False
+def sweep_fast_py_bf16(lines, w_in, b_in, w_h, b_h):
+    """``fast_bf16`` without the C++ kernels."""
+    if lines.shape[0] == 0:
+        return lines.clone()
+    return _apply(lines, w_in, b_in, w_h, b_h, torch.bfloat16, use_cpp=False)
+
+
+#: GEMM shape of the host check: one sweep step's tap GEMM, (B*L x 3S) @ (3S x 3S) at B*L=960, S=150.
+PROBE_SHAPE = (960, 450)
+#: bf16 must beat fp32 by this factor at that shape to be used (a margin for timing noise).
+BF16_MARGIN = 1.25
+_bf16_verdict: dict[int, bool] = {}
+
+
+def gemm_probe(threads: int | None = None, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP/s of the sweep step's GEMM in fp32 and with bf16 operands, on this host, now."""
+    import time
+
+    m, k = PROBE_SHAPE
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        rates = []
+        for dt in (torch.float32, torch.bfloat16):
+            a, w = torch.randn(m, k).to(dt), torch.randn(k, k).to(dt)
+            o = torch.empty(m, k, dtype=dt)
+            torch.mm(a, w, out=o)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.mm(a, w, out=o)
+                best = min(best, time.perf_counter() - t0)
+            rates.append(2 * m * k * k / best / 1e9)
+    finally:
+        torch.set_num_threads(old)
+    return rates[0], rates[1]
+
+
+def bf16_gemm_pays() -> bool:
+    """Whether bf16 GEMM operands beat fp32 at the sweep's shapes on this host (measured once per thread count).
+
+    The issue's rule is "bf16 + fp32 accumulation on AMX hosts, fp32 elsewhere"; we decide by
+    measurement instead, because some non-AMX CPUs (AVX512-BF16, e.g. this 2-core AMD EPYC: 4.5x)
+    also run bf16 GEMMs much faster, and others emulate them slower than fp32.
+    ``NAPARI_SDUNET_SWEEP_BF16=1`` / ``=0`` forces the answer.
+    """
+    import os
+
+    forced = os.environ.get("NAPARI_SDUNET_SWEEP_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    n = torch.get_num_threads()
+    if n not in _bf16_verdict:
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            fp32, bf16 = gemm_probe()
+        _bf16_verdict[n] = bf16 >= BF16_MARGIN * fp32
+    return _bf16_verdict[n]
+
+
+def _reduced(x: torch.Tensor) -> bool:
+    """Reduced precision asked for: a bf16 input, or a float32 one under CPU autocast to bf16."""
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return x.dtype == torch.bfloat16 or (autocast_bf16 and x.dtype == torch.float32)
 
 
-register_sweep("fast", sweep_fast, priority=0, available=_cpu_float)
+def _cpu_fast(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and (x.dtype in (torch.float32, torch.float64) or _reduced(x))
+
+
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and _reduced(x) and bf16_gemm_pays()
+
+
+register_sweep("fast", sweep_fast, priority=0, available=_cpu_fast)
 register_sweep("fast_bf16", sweep_fast_bf16, priority=0, available=_cpu_bf16)
+register_sweep("fast_py", sweep_fast_py, available=_cpu_fast)
+register_sweep("fast_py_bf16", sweep_fast_py_bf16, available=_cpu_fast)

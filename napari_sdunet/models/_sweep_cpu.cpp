@@ -1,0 +1,440 @@
+// Fused CPU kernels of the SDN sweep (napari_sdunet/models/sweep_cpp.py builds and loads this file).
+//
+// Same maths as sweep_fast.py: per step, the GEMMs go to ATen (MKL / oneDNN, AMX where present)
+// and all gate arithmetic of a step runs in one pass over the line (vectorised with AVX-512 when the
+// compiler targets it), instead of ~7 eager ATen passes forward and ~13 backward. The whole loop runs
+// here, so Python is called once per sweep, not once per op.
+//
+// Layout: lines-major x (T, B, L, S), M = B*L rows per step. The output lives in a zero-padded buffer
+// (T, B, L+2, S) so the 3 taps of a cell are 3S contiguous values of the previous line.
+// In low-precision mode ("lp") the GEMM operands are bfloat16 (accumulation in fp32 inside the GEMM),
+// the state, gates, biases and bias gradients fp32; a bf16 copy of the state is written once, in the
+// gate pass, where the next step reads it as a GEMM operand (no per-step conversion op).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SDN_AVX512 1
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+// ---- buffer pool
+// The sweep's big buffers (state, saved backward factors, dx: hundreds of MB at 96x96, B=20) are the
+// same sizes at every training step. Fresh ones come from mmap and page-fault on first touch, which
+// measured as most of the forward's non-GEMM time; so they are kept here and handed out again once
+// nothing else refers to their storage. Bounded by NAPARI_SDUNET_SWEEP_POOL_MB (default 8192).
+
+struct Pool {
+  std::mutex mu;
+  std::vector<at::Tensor> items;
+  int64_t bytes = 0;
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+int64_t pool_cap() {
+  static const int64_t cap = [] {
+    const char* e = std::getenv("NAPARI_SDUNET_SWEEP_POOL_MB");
+    return (e ? std::atoll(e) : 8192LL) << 20;
+  }();
+  return cap;
+}
+
+at::Tensor pooled_empty(at::IntArrayRef shape, const at::TensorOptions& opt) {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  const int64_t nbytes = n * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opt.dtype())));
+  Pool& p = pool();
+  std::lock_guard<std::mutex> g(p.mu);
+  for (auto& t : p.items) {
+    if (t.storage().use_count() == 1 && t.dtype() == opt.dtype() && t.numel() >= n && t.numel() <= n + n / 4)
+      return t.narrow(0, 0, n).view(shape);
+  }
+  at::Tensor t = at::empty({n}, opt);
+  if (p.bytes + nbytes > pool_cap()) {  // make room: drop free entries
+    std::vector<at::Tensor> keep;
+    for (auto& e : p.items) {
+      if (e.storage().use_count() == 1) p.bytes -= e.nbytes();
+      else keep.push_back(e);
+    }
+    p.items.swap(keep);
+  }
+  if (p.bytes + nbytes <= pool_cap()) {
+    p.items.push_back(t);
+    p.bytes += nbytes;
+  }
+  return t.view(shape);
+}
+
+int64_t clear_pool() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> g(p.mu);
+  const int64_t freed = p.bytes;
+  p.items.clear();
+  p.bytes = 0;
+  return freed;
+}
+
+// ---- element access policies: one kernel source, scalar (double, portable float) or AVX-512 float
+
+struct ScalarD {
+  using v = double;
+  static constexpr int W = 1;
+  static v load(const double* p, int) { return *p; }
+  static void store(double* p, v x, int) { *p = x; }
+  static void store(bf16* p, v x, int) { *p = bf16(static_cast<float>(x)); }
+  static v set1(double x) { return x; }
+  static v exp(v x) { return std::exp(x); }
+  static v tanh(v x) { return std::tanh(x); }
+};
+
+struct ScalarF {
+  using v = float;
+  static constexpr int W = 1;
+  static v load(const float* p, int) { return *p; }
+  static v load(const bf16* p, int) { return static_cast<float>(*p); }
+  static void store(float* p, v x, int) { *p = x; }
+  static void store(bf16* p, v x, int) { *p = bf16(x); }
+  static v set1(float x) { return x; }
+  static v exp(v x) { return std::exp(x); }
+  static v tanh(v x) { return std::tanh(x); }
+};
+
+#ifdef SDN_AVX512
+struct Avx512 {
+  using v = __m512;
+  static constexpr int W = 16;
+  static __mmask16 mask(int n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+  static v load(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static v load(const bf16* p, int n) {
+    __m256i h = _mm256_maskz_loadu_epi16(mask(n), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static void store(float* p, v x, int n) { _mm512_mask_storeu_ps(p, mask(n), x); }
+  static void store(bf16* p, v x, int n) {  // round to nearest even, as torch's float -> bfloat16
+    __m512i b = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_mask_storeu_epi16(p, mask(n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+  }
+  static v set1(float x) { return _mm512_set1_ps(x); }
+  // exp: 2^k * e^r with |r| <= ln2/2, degree-7 Taylor polynomial (relative error ~1e-7)
+  static v exp(v x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, set1(88.0f)), set1(-88.0f));
+    v k = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v r = _mm512_fnmadd_ps(k, set1(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, set1(1.42860682030941723e-6f), r);
+    v p = set1(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, set1(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, set1(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, set1(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, set1(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, set1(0.5f));
+    p = _mm512_fmadd_ps(p, r, set1(1.0f));
+    p = _mm512_fmadd_ps(p, r, set1(1.0f));
+    return _mm512_scalef_ps(p, k);
+  }
+  // tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|); below |x| = 0.3 an odd Taylor series to x^9 (error < 2e-8)
+  static v tanh(v x) {
+    v a = _mm512_abs_ps(x);
+    v e = exp(_mm512_mul_ps(a, set1(-2.0f)));
+    v big = _mm512_div_ps(_mm512_sub_ps(set1(1.0f), e), _mm512_add_ps(set1(1.0f), e));
+    v a2 = _mm512_mul_ps(a, a);
+    v s = set1(62.0f / 2835);
+    s = _mm512_fmadd_ps(s, a2, set1(-17.0f / 315));
+    s = _mm512_fmadd_ps(s, a2, set1(2.0f / 15));
+    s = _mm512_fmadd_ps(s, a2, set1(-1.0f / 3));
+    s = _mm512_fmadd_ps(s, a2, set1(1.0f));
+    v small = _mm512_mul_ps(s, a);
+    v y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, set1(0.3f), _CMP_LT_OQ), big, small);
+    // copy the sign of x
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y),
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x80000000u)))));
+  }
+};
+using FloatPolicy = Avx512;
+#else
+using FloatPolicy = ScalarF;
+#endif
+
+template <class P>
+inline typename P::v sigmoid(typename P::v x) {
+  typename P::v one = P::set1(1);
+  return one / (one + P::exp(P::set1(0) - x));
+}
+
+// ---- per-row kernels (a row = one cell's S features, for all gates)
+
+// Forward gates of one cell. a, c: GEMM results (no bias); writes the new state s (and its bf16 copy)
+// and, if sv, the 5 backward factors [z, r, 1 - n^2, (n - h) z (1 - z), c_n r (1 - r)].
+template <class P, class G, class T>
+inline void fwd_row(int S, const G* a, const G* c, const T* bin, const T* bh, const T* h, T* out, bf16* out_lp,
+                    T* sv) {
+  using V = typename P::v;
+  const V one = P::set1(1);
+  for (int j = 0; j < S; j += P::W) {
+    const int n = S - j;
+    V cr = P::load(c + j, n) + P::load(bh + j, n);
+    V cz = P::load(c + S + j, n) + P::load(bh + S + j, n);
+    V cn = P::load(c + 2 * S + j, n) + P::load(bh + 2 * S + j, n);
+    V r = sigmoid<P>(P::load(a + j, n) + P::load(bin + j, n) + cr);
+    V z = sigmoid<P>(P::load(a + S + j, n) + P::load(bin + S + j, n) + cz);
+    V nn = P::tanh(P::load(a + 2 * S + j, n) + P::load(bin + 2 * S + j, n) + r * cn);
+    V hv = P::load(h + j, n);
+    V d = nn - hv;
+    V s = hv + z * d;
+    P::store(out + j, s, n);
+    if (out_lp) P::store(out_lp + j, s, n);
+    if (sv) {
+      P::store(sv + j, z, n);
+      P::store(sv + S + j, r, n);
+      P::store(sv + 2 * S + j, one - nn * nn, n);
+      P::store(sv + 3 * S + j, d * z * (one - z), n);
+      P::store(sv + 4 * S + j, cn * r * (one - r), n);
+    }
+  }
+}
+
+// Backward gates of one cell: from the line gradient g, writes D = [da_n, da_r, da_z, dc_n] (the GEMM
+// operand), the direct input gradient g (1 - z), and accumulates the bias gradients' row sums.
+template <class P, class G, class T>
+inline void bwd_row(int S, const T* g, const T* sv, G* D, T* dx, T* acc) {
+  using V = typename P::v;
+  for (int j = 0; j < S; j += P::W) {
+    const int n = S - j;
+    V gv = P::load(g + j, n);
+    V z = P::load(sv + j, n);
+    V r = P::load(sv + S + j, n);
+    V dn = gv * z;
+    V da_n = dn * P::load(sv + 2 * S + j, n);
+    V da_z = gv * P::load(sv + 3 * S + j, n);
+    V da_r = da_n * P::load(sv + 4 * S + j, n);
+    V dc_n = da_n * r;
+    P::store(dx + j, gv - dn, n);
+    P::store(D + j, da_n, n);
+    P::store(D + S + j, da_r, n);
+    P::store(D + 2 * S + j, da_z, n);
+    P::store(D + 3 * S + j, dc_n, n);
+    P::store(acc + j, P::load(acc + j, n) + da_n, n);
+    P::store(acc + S + j, P::load(acc + S + j, n) + da_r, n);
+    P::store(acc + 2 * S + j, P::load(acc + 2 * S + j, n) + da_z, n);
+    P::store(acc + 3 * S + j, P::load(acc + 3 * S + j, n) + dc_n, n);
+  }
+}
+
+// Gradient of cell i of the previous line: its output gradient plus the 3 taps that read it
+// (tap k of cell i' reads cell i' + k - 1). Optionally adds the prior-term input gradient to dx.
+template <class P, class G, class T>
+inline void prev_row(int S, int i, int L, const T* grad, const G* du, T* g, const G* dxp, T* dx) {
+  using V = typename P::v;
+  const int S3 = 3 * S;
+  for (int j = 0; j < S; j += P::W) {
+    const int n = S - j;
+    V v = P::load(grad + j, n) + P::load(du + S + j, n);
+    if (i + 1 < L) v = v + P::load(du + S3 + j, n);
+    if (i > 0) v = v + P::load(du - S3 + 2 * S + j, n);
+    P::store(g + j, v, n);
+    if (dxp) P::store(dx + j, P::load(dx + j, n) + P::load(dxp + j, n), n);
+  }
+}
+
+// Copy the taps [p_{i-1}, p_i, p_{i+1}] of every cell of a padded line (B, L+2, S) into u (B*L, 3S).
+template <class G>
+void copy_taps(const G* line_pad, G* u, int64_t B, int64_t L, int64_t S) {
+  at::parallel_for(0, B * L, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) {
+      const int64_t b = m / L, i = m % L;
+      std::memcpy(u + m * 3 * S, line_pad + (b * (L + 2) + i) * S, 3 * S * sizeof(G));
+    }
+  });
+}
+
+template <class G>
+at::ScalarType gtype() {
+  if constexpr (std::is_same_v<G, bf16>) return at::kBFloat16;
+  else if constexpr (std::is_same_v<G, float>) return at::kFloat;
+  else return at::kDouble;
+}
+
+// ---- forward
+
+template <class P, class G, class T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g, const at::Tensor& w_in,
+                                     const at::Tensor& b_in, const at::Tensor& w_h, const at::Tensor& b_h,
+                                     bool keep) {
+  const int64_t Tn = x.size(0), B = x.size(1), L = x.size(2), S = x.size(3), M = B * L, S3 = 3 * S;
+  const bool lp = !std::is_same_v<G, T>;
+  auto fo = x.options();
+  auto go = fo.dtype(gtype<G>());
+  at::Tensor out = pooled_empty({Tn, B, L + 2, S}, fo);
+  out.select(2, 0).zero_();
+  out.select(2, L + 1).zero_();
+  out.select(0, 0).narrow(1, 1, L).copy_(x.select(0, 0));
+  // bf16 copy of the padded state, read by the next step's tap GEMM (all steps kept for backward)
+  at::Tensor out_lp;
+  if (lp) {
+    out_lp = pooled_empty({keep ? Tn : 2, B, L + 2, S}, go);
+    out_lp.select(2, 0).zero_();
+    out_lp.select(2, L + 1).zero_();
+    out_lp.select(0, 0).narrow(1, 1, L).copy_(x.select(0, 0));
+  }
+  at::Tensor saved = keep ? pooled_empty({std::max<int64_t>(Tn - 1, 0), M, 5 * S}, fo) : at::Tensor();
+  if (Tn == 1) return {out, lp ? out_lp : out, keep ? saved : out};
+  const at::Tensor w_in_t = w_in.to(gtype<G>()).t();
+  const at::Tensor w_h_t = w_h.to(gtype<G>()).t();
+  at::Tensor u = at::empty({M, S3}, go), a = at::empty({M, S3}, go), c = at::empty({M, S3}, go);
+  const T* bin = b_in.data_ptr<T>();
+  const T* bh = b_h.data_ptr<T>();
+  const G* gbase = lp ? out_lp.data_ptr<G>() : reinterpret_cast<const G*>(out.data_ptr<T>());
+  const int64_t line_pad = B * (L + 2) * S;
+  for (int64_t t = 1; t < Tn; ++t) {
+    const int64_t src = lp && !keep ? (t - 1) % 2 : t - 1, dst = lp && !keep ? t % 2 : t;
+    at::mm_out(c, x_g.select(0, t).view({M, S}), w_h_t);
+    copy_taps<G>(gbase + src * line_pad, u.data_ptr<G>(), B, L, S);
+    at::mm_out(a, u, w_in_t);
+    const G* ap = a.data_ptr<G>();
+    const G* cp = c.data_ptr<G>();
+    const T* hp = x.data_ptr<T>() + t * M * S;
+    T* op = out.data_ptr<T>() + t * line_pad;
+    bf16* olp = lp ? reinterpret_cast<bf16*>(out_lp.data_ptr<G>()) + dst * line_pad : nullptr;
+    T* svp = keep ? saved.data_ptr<T>() + (t - 1) * M * 5 * S : nullptr;
+    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t m = lo; m < hi; ++m) {
+        const int64_t b = m / L, i = m % L, o = (b * (L + 2) + i + 1) * S;
+        fwd_row<P, G, T>(S, ap + m * S3, cp + m * S3, bin, bh, hp + m * S, op + o, olp ? olp + o : nullptr,
+                         svp ? svp + m * 5 * S : nullptr);
+      }
+    });
+  }
+  return {out, lp ? out_lp : out, keep ? saved : out};
+}
+
+// ---- backward
+
+template <class P, class G, class T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x_g, const at::Tensor& out_g,
+                                      const at::Tensor& saved, const at::Tensor& w_in, const at::Tensor& w_h,
+                                      bool need_w_in, bool need_w_h) {
+  const int64_t Tn = grad.size(0), B = grad.size(1), L = grad.size(2), S = grad.size(3), M = B * L, S3 = 3 * S;
+  const bool lp = !std::is_same_v<G, T>;
+  auto fo = grad.options();
+  auto go = fo.dtype(gtype<G>());
+  at::Tensor dx = pooled_empty(grad.sizes(), fo);
+  at::Tensor dw_in_p = at::zeros({S3, S3}, fo);  // rows in the gate order of D: [n, r, z]
+  at::Tensor dw_h = at::zeros({S3, S}, fo);
+  const int nth = at::get_num_threads();
+  at::Tensor acc = at::zeros({nth, 4 * S}, fo);
+  // W_in with its rows (gates) in D's order [n, r, z]: du = D[:, :3S] @ W_in_p, dx_prior = D[:, S:] @ W_h
+  at::Tensor w_in_p = at::cat({w_in.narrow(0, 2 * S, S), w_in.narrow(0, 0, 2 * S)}, 0).to(gtype<G>()).contiguous();
+  at::Tensor w_h_g = w_h.to(gtype<G>()).contiguous();
+  at::Tensor D = at::empty({M, 4 * S}, go), du = at::empty({M, S3}, go), u = at::empty({M, S3}, go);
+  at::Tensor dxp = lp ? at::empty({M, S}, go) : at::Tensor();
+  at::Tensor tmp_in = lp ? at::empty({S3, S3}, go) : at::Tensor(), tmp_h = lp ? at::empty({S3, S}, go) : at::Tensor();
+  at::Tensor g = grad.select(0, Tn - 1).clone();  // (B, L, S) total gradient of the current line
+  const at::Tensor Da = D.narrow(1, 0, S3), Dc = D.narrow(1, S, S3);
+  const int64_t line_pad = B * (L + 2) * S;
+  for (int64_t t = Tn - 1; t > 0; --t) {
+    const T* gp = g.data_ptr<T>();
+    const T* svp = saved.data_ptr<T>() + (t - 1) * M * 5 * S;
+    G* Dp = D.data_ptr<G>();
+    T* dxt = dx.data_ptr<T>() + t * M * S;
+    T* accp = acc.data_ptr<T>();
+    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
+      T* ac = accp + at::get_thread_num() * 4 * S;
+      for (int64_t m = lo; m < hi; ++m) bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxt + m * S, ac);
+    });
+    at::Tensor dx_t = dx.select(0, t).view({M, S});
+    const at::Tensor h = x_g.select(0, t).view({M, S});
+    if (lp) at::mm_out(dxp, Dc, w_h_g);
+    else dx_t.addmm_(Dc, w_h_g);
+    if (need_w_h) {
+      if (lp) dw_h.add_(at::mm_out(tmp_h, Dc.t(), h));
+      else dw_h.addmm_(Dc.t(), h);
+    }
+    if (need_w_in) {
+      copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
+      if (lp) dw_in_p.add_(at::mm_out(tmp_in, Da.t(), u));
+      else dw_in_p.addmm_(Da.t(), u);
+    }
+    at::mm_out(du, Da, w_in_p);
+    const G* dup = du.data_ptr<G>();
+    const G* dxpp = lp ? dxp.data_ptr<G>() : nullptr;
+    const T* grp = grad.data_ptr<T>() + (t - 1) * M * S;
+    T* gw = g.data_ptr<T>();
+    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t m = lo; m < hi; ++m)
+        prev_row<P, G, T>(S, static_cast<int>(m % L), static_cast<int>(L), grp + m * S, dup + m * S3, gw + m * S,
+                          dxpp ? dxpp + m * S : nullptr, dxt + m * S);
+    });
+  }
+  dx.select(0, 0).copy_(g);
+  at::Tensor a = acc.sum(0);  // [n, r, z, c_n]
+  at::Tensor db_in = at::cat({a.narrow(0, S, 2 * S), a.narrow(0, 0, S)});
+  at::Tensor db_h = at::cat({a.narrow(0, S, 2 * S), a.narrow(0, 3 * S, S)});
+  at::Tensor dw_in = at::cat({dw_in_p.narrow(0, S, 2 * S), dw_in_p.narrow(0, 0, S)}, 0);
+  return {dx, dw_in, db_in, dw_h, db_h};
+}
+
+// ---- entry points (registered as torch.ops.napari_sdunet_sweep.*)
+
+std::vector<at::Tensor> sweep_forward(const at::Tensor& x, const at::Tensor& x_lp, const at::Tensor& w_in,
+                                      const at::Tensor& b_in, const at::Tensor& w_h, const at::Tensor& b_h,
+                                      bool keep, bool lp) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "sweep: x must be contiguous (T, B, L, S) on CPU");
+  TORCH_CHECK(b_in.is_contiguous() && b_h.is_contiguous(), "sweep: biases must be contiguous");
+  if (x.scalar_type() == at::kDouble) {
+    TORCH_CHECK(!lp, "sweep: bf16 operands need float32 state");
+    return forward_impl<ScalarD, double, double>(x, x, w_in, b_in, w_h, b_h, keep);
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "sweep: float32 or float64 state");
+  if (lp) {
+    TORCH_CHECK(x_lp.scalar_type() == at::kBFloat16 && x_lp.is_contiguous(), "sweep: x_lp must be contiguous bf16");
+    return forward_impl<FloatPolicy, bf16, float>(x, x_lp, w_in, b_in, w_h, b_h, keep);
+  }
+  return forward_impl<FloatPolicy, float, float>(x, x, w_in, b_in, w_h, b_h, keep);
+}
+
+std::vector<at::Tensor> sweep_backward(const at::Tensor& grad, const at::Tensor& x_g, const at::Tensor& out_g,
+                                       const at::Tensor& saved, const at::Tensor& w_in, const at::Tensor& w_h,
+                                       bool need_w_in, bool need_w_h) {
+  TORCH_CHECK(grad.is_contiguous() && x_g.is_contiguous() && out_g.is_contiguous() && saved.is_contiguous(),
+              "sweep backward: contiguous tensors expected");
+  if (grad.scalar_type() == at::kDouble)
+    return backward_impl<ScalarD, double, double>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h);
+  if (x_g.scalar_type() == at::kBFloat16)
+    return backward_impl<FloatPolicy, bf16, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h);
+  return backward_impl<FloatPolicy, float, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h);
+}
+
+bool simd() {
+#ifdef SDN_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(napari_sdunet_sweep, m) {
+  m.def("forward", &sweep_forward);
+  m.def("backward", &sweep_backward);
+  m.def("simd", &simd);
+  m.def("clear_pool", &clear_pool);
+}
