@@ -4,6 +4,11 @@ NIfTI arrays are stored (x, y, z[, t]); we hand them out in napari/numpy order (
 reversed), so ``volume[k]`` is axial slice k displayed like ``nifti[:, :, k].T``. Writing reverses
 the axes again and reuses the source affine and header, so a mask lines up with its scan in any
 viewer. Every write goes to a temporary file in the target folder and is renamed into place.
+
+Prediction reorients a volume to the orientation the models were trained in (:func:`reorient`,
+``LPS``: the DICOM-like storage of the CT sets) and the mask back to the file's own orientation, so
+a volume stored with its axes swapped or flipped segments like the original. Files that cannot be
+read, or that would need more memory than :data:`MAX_BYTES`, raise :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -19,9 +24,22 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError, OutputError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_EXTS = (".nii", ".nii.gz")
 ALL_EXTS = IMAGE_EXTS + NIFTI_EXTS
+#: Largest array a file may decode to (a forged header must not exhaust memory).
+MAX_BYTES = 4 << 30
+#: Orientation (nibabel axis codes of the stored x, y, z) of the CT volumes the models learnt from.
+TRAINING_ORIENTATION = ("L", "P", "S")
+
+
+def _check_bytes(path: Path, shape: tuple[int, ...], itemsize: int) -> None:
+    n = int(np.prod([int(d) for d in shape], dtype=np.float64)) * int(itemsize)
+    if n > MAX_BYTES:
+        raise InputError(f"{path}: shape {tuple(shape)} would need {n / 2**30:.1f} GiB of memory; "
+                         f"napari-sdunet reads files of up to {MAX_BYTES / 2**30:.0f} GiB")
 
 
 @dataclass
@@ -64,6 +82,8 @@ def is_nifti(path: str | os.PathLike) -> bool:
 def read_image(path: str | os.PathLike) -> Volume:
     """Read a PNG/JPEG/TIFF/BMP image or a NIfTI volume."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     sfx = suffix(path)
@@ -73,7 +93,7 @@ def read_image(path: str | os.PathLike) -> Volume:
         return _read_tiff(path)
     if sfx in IMAGE_EXTS:
         return _read_pillow(path)
-    raise ValueError(f"{path}: unsupported file type {sfx!r}; expected one of {', '.join(ALL_EXTS)}")
+    raise InputError(f"{path}: unsupported file type {sfx!r}; expected one of {', '.join(ALL_EXTS)}")
 
 
 def _read_pillow(path: Path) -> Volume:
@@ -81,6 +101,7 @@ def _read_pillow(path: Path) -> Volume:
 
     try:
         with Image.open(path) as im:
+            _check_bytes(path, (im.height, im.width, len(im.getbands())), 2)
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif im.mode in ("I;16", "I;16B", "I;16L"):
@@ -89,8 +110,8 @@ def _read_pillow(path: Path) -> Volume:
             elif im.mode == "CMYK":
                 im = im.convert("RGB")
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: cannot read the image ({e})") from None
     return Volume(arr, "YXC" if arr.ndim == 3 else "YX")
 
 
@@ -99,11 +120,16 @@ def _read_tiff(path: Path) -> Volume:
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise InputError(f"{path}: the TIFF holds no image")
             series = tif.series[0]
+            _check_bytes(path, series.shape, np.dtype(series.dtype).itemsize)
             arr = series.asarray()
             axes = series.axes.upper()
-    except (tifffile.TiffFileError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: cannot read the TIFF ({e})") from None
+    except InputError:
+        raise
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: cannot read the TIFF ({type(e).__name__}: {e})") from None
     axes = _napari_axes(arr, axes)
     return Volume(arr, axes)
 
@@ -125,9 +151,12 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     path = Path(path)
     try:
         img = nib.load(str(path))
+        _check_bytes(path, img.shape, max(8, np.dtype(img.get_data_dtype()).itemsize))
         raw = np.asanyarray(img.dataobj)
+    except InputError:
+        raise
     except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        raise ValueError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e})") from None
     if raw.ndim > 4:
         raw = raw.reshape(raw.shape[:4])
     data = np.ascontiguousarray(raw.T)
@@ -142,23 +171,119 @@ def read_nifti(path: str | os.PathLike) -> Volume:
                   spacing=spacing, origin=origin)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A reference mask as a boolean array (any non-zero value is foreground; colour -> any channel)."""
+def read_mask(path: str | os.PathLike, like: Volume | None = None) -> np.ndarray:
+    """A reference mask as a boolean array: any non-zero value is foreground (negative label values
+    too), in any channel of a colour file. NaN is refused: it is neither object nor background.
+
+    With ``like`` (the image's Volume), a NIfTI mask stored in another orientation than its image
+    is turned into the image's storage, so the two compare voxel by voxel.
+    """
     vol = read_image(path)
-    arr = vol.data
+    arr = np.asarray(vol.data)
+    if like is not None and vol.affine is not None and like.affine is not None and arr.ndim == 3:
+        target = orientation_of(like.affine)
+        if target is not None:
+            arr, _ = reorient(arr, vol.affine, target)
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{path}: unsupported mask pixel type {arr.dtype}")
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise InputError(f"{path}: the mask contains NaN values; masks must be numbers (0 = background)")
+    fg = arr != 0
     if vol.axes.endswith("C"):
-        arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
-    return np.asarray(arr) > 0
+        fg = fg[..., :3].any(axis=-1) if arr.shape[-1] >= 3 else fg[..., 0]
+    return fg
+
+
+# ----------------------------------------------------------------------------- orientation
+
+def orientation_of(affine: np.ndarray | None) -> tuple[str, ...] | None:
+    """nibabel axis codes of the stored x, y, z (e.g. ``("L", "P", "S")``), None without an affine."""
+    if affine is None:
+        return None
+    import nibabel as nib
+
+    aff = np.asarray(affine, dtype=float)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all():
+        return None
+    try:
+        return tuple(nib.aff2axcodes(aff))
+    except Exception:  # a singular affine: no orientation to speak of
+        return None
+
+
+def reorient(data: np.ndarray, affine: np.ndarray | None, target: tuple[str, ...] = TRAINING_ORIENTATION,
+             ) -> tuple[np.ndarray, Any]:
+    """``data`` (numpy order z, y, x of a NIfTI volume) as if stored in ``target`` orientation.
+
+    Returns ``(data_in_target, back)``; ``back(array)`` maps an array of the reoriented spatial
+    shape (a mask or probabilities) back to the file's own storage, to be written with the
+    file's own affine. Only axis permutations and flips are applied (no resampling), so ``back``
+    is exact. Without a usable affine, or for 2-D data, both are the identity.
+    """
+    from nibabel import orientations as no
+
+    arr = np.asarray(data)
+    codes = orientation_of(affine)
+    if codes is None or arr.ndim != 3 or tuple(codes) == tuple(target):
+        return arr, lambda a: a
+    src = no.io_orientation(np.asarray(affine, dtype=float))
+    if np.isnan(src).any():
+        return arr, lambda a: a
+    dst = no.axcodes2ornt(target)
+    fwd, inv = no.ornt_transform(src, dst), no.ornt_transform(dst, src)
+    out = np.ascontiguousarray(no.apply_orientation(arr.T, fwd).T)
+
+    def back(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(no.apply_orientation(np.asarray(a).T, inv).T)
+
+    return out, back
 
 
 # ----------------------------------------------------------------------------- writing
 
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) is not a probe there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete ``.NAME.PID-XXXX.tmpEXT`` files that a killed write of ``path`` left beside it."""
+    path = Path(path)
+    head = f".{path.name}."
+    pattern = re.compile(r"(\d+)-[A-Za-z0-9_]+\.tmp" + re.escape(suffix(path)))
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        if entry.name.startswith(head) and entry.is_file():
+            m = pattern.fullmatch(entry.name[len(head):])
+            if m and not _pid_alive(int(m.group(1))):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same extension); rename it into place on success."""
+    """Yield a temporary path beside ``path`` (same extension); rename it into place on success.
+
+    The temporary's name carries our process id, so the next write of ``path`` can remove what a
+    killed one left behind.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; cannot write a file there")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix(path)}", dir=path.parent)
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix(path)}",
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -1,46 +1,114 @@
-"""Options and helpers shared by ``predict`` and ``evaluate`` (model, device, preprocessing)."""
+"""Options and helpers shared by ``predict`` and ``evaluate`` (model, device, preprocessing, batches)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
+
+AXES_CHOICES = ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC")
+
+
+def _threshold(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"the threshold must be between 0 and 1 (exclusive), got {text}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (so that a bad value fails before any work)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return v
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="NAME_OR_FOLDER",
                    help="a shipped or user model name (see `napari-sdunet models`) or a checkpoint folder")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices/frames per forward pass (default 8)")
+    p.add_argument("--threshold", type=_threshold, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="slices/frames per forward pass (default 8)")
     p.add_argument("--modality", choices=["microscopy", "colonoscopy", "ct"], default=None,
                    help="intensity preset; default: the model's own preprocessing")
-    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+    p.add_argument("--ct-window", type=_finite, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for CT input (default: the model's, e.g. -40 160)")
-    p.add_argument("--axes", default=None,
+    p.add_argument("--axes", type=str.upper, choices=AXES_CHOICES, default=None,
                    help="axes of every input (YX, YXC, ZYX, TYX, TYXC); default: from the file format")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """Cross-option checks argparse cannot do, before any model is loaded."""
+    from ..errors import InputError
+
+    if args.ct_window is not None and not args.ct_window[0] < args.ct_window[1]:
+        raise InputError(f"--ct-window needs LO < HI, got {args.ct_window[0]:g} {args.ct_window[1]:g}")
+
+
+def model_orientation(loaded: Any) -> tuple[str, ...]:
+    """Orientation a NIfTI volume is turned into before prediction (the model's, else the CT sets')."""
+    from ..io import TRAINING_ORIENTATION
+
+    codes = (loaded.config.get("preprocessing") or {}).get("orientation")
+    if isinstance(codes, str) and len(codes) == 3 and set(codes.upper()) <= set("LRAPSI"):
+        return tuple(codes.upper())
+    return TRAINING_ORIENTATION
+
+
 def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -> np.ndarray:
-    """Probabilities of one read file, with the axes from the file (or --axes)."""
+    """Probabilities of one read file, with the axes from the file (or --axes).
+
+    A NIfTI volume is first turned into the orientation the model learnt from (a volume stored
+    with x/y swapped or flipped would otherwise be segmented on rotated slices); the
+    probabilities come back in the file's own storage, to be written with its own affine.
+    """
+    from ..errors import InputError
     from ..inference import default_axes, predict
-    from ..preprocess import InputError
+    from ..io import reorient
 
     axes = (args.axes or vol.axes or default_axes(vol.data.shape)).upper()
     if axes == "TZYX":
         raise InputError(f"{name}: 4-D NIfTI (time series of volumes) is not supported")
+    data, back = vol.data, (lambda a: a)
+    if vol.affine is not None and axes == "ZYX":
+        data, back = reorient(vol.data, vol.affine, model_orientation(loaded))
     try:
-        return predict(loaded, vol.data, axes, batch_size=args.batch_size, modality=args.modality,
+        prob = predict(loaded, data, axes, batch_size=args.batch_size, modality=args.modality,
                        ct_window=args.ct_window, tta=args.tta)
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
+    return back(prob)
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
     """Files as given; folders replaced by their image/NIfTI files."""
+    from ..errors import InputError
     from ..io import list_images
 
     out: list[Path] = []
@@ -53,5 +121,36 @@ def expand_inputs(items: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p} does not exist")
     if not out:
-        raise ValueError("no input images found")
+        raise InputError(f"no image or NIfTI files found in {', '.join(items)}")
     return out
+
+
+def run_batch(items: Iterable[T], work: Callable[[T], None], name_of: Callable[[T], str],
+              write: Callable[[str], None]) -> list[tuple[str, str]]:
+    """Run ``work`` on each item; a user-fixable failure of one item is reported and skipped.
+
+    Returns ``(name, reason)`` of the failed items. Bugs (errors that are not the user's) and
+    Ctrl-C / SIGTERM still stop the batch.
+    """
+    from . import user_message
+
+    failed = []
+    for item in items:
+        try:
+            work(item)
+        except Exception as e:
+            msg = user_message(e)
+            if msg is None:
+                raise
+            failed.append((name_of(item), msg))
+            write(f"skipped {name_of(item)}: {msg}")
+    return failed
+
+
+def report_failures(failed: list[tuple[str, str]], total: int, what: str) -> int:
+    """Print the count of failed items at the end of a batch; exit status 1 if any failed."""
+    if not failed:
+        return 0
+    print(f"warning: {len(failed)} of {total} {what} could not be processed and were skipped: "
+          f"{', '.join(n for n, _ in failed[:5])}{' ...' if len(failed) > 5 else ''}", file=sys.stderr)
+    return 1
