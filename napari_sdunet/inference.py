@@ -151,7 +151,7 @@ def effective_preprocessing(config: dict[str, Any], modality: str | None = None,
     prep = dict(config.get("preprocessing") or {})
     if modality is not None:
         if modality not in MODALITIES:
-            raise ValueError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
+            raise InputError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
         if modality == "ct":
             prep["ct_window"] = list(ct_window or prep.get("ct_window") or DEFAULT_CT_WINDOW)
         else:
@@ -161,8 +161,11 @@ def effective_preprocessing(config: dict[str, Any], modality: str | None = None,
         prep["ct_window"] = list(ct_window)
     window = prep.get("ct_window")
     if window:
-        lo, hi = float(window[0]), float(window[1])
-        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        try:
+            lo, hi = float(window[0]), float(window[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise InputError(f"CT window must be two finite numbers lo < hi, got {window!r}") from None
+        if len(window) != 2 or not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
             raise InputError(f"CT window must be two finite numbers lo < hi, got {window}")
     return prep
 
@@ -182,6 +185,8 @@ def default_axes(shape: Sequence[int], rgb: bool = False) -> str:
 
 def frames_of(data: np.ndarray, axes: str) -> tuple[np.ndarray, bool]:
     """View ``data`` with ``axes`` as frames (N, Y, X[, C]) and say whether it has a colour axis."""
+    if not isinstance(axes, str):
+        raise InputError(f"axes must be text such as 'YX', 'YXC' or 'ZYX', got {axes!r}")
     axes = axes.upper()
     if axes not in AXES:
         raise InputError(f"unsupported axes {axes!r}; choose from {', '.join(AXES)}")
@@ -258,9 +263,9 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
 
     frames, has_c = frames_of(data, axes)
     check_frames(frames, has_c)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if not (np.isfinite(scale) and 0.05 <= scale <= 20):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if not (isinstance(scale, (int, float, np.number)) and np.isfinite(scale) and 0.05 <= scale <= 20):
         raise InputError(f"scale must be a number between 0.05 and 20, got {scale}")
     prep = effective_preprocessing(loaded.config, modality, ct_window)
     prep["channels"] = loaded.in_channels
@@ -309,6 +314,9 @@ def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int
 
     Raises :class:`Cancelled` when ``should_stop()`` turns True (checked between batches).
     """
+    if not isinstance(loaded, LoadedModel):
+        raise InputError(f"predict needs a model from load_model(...), got {type(loaded).__name__}; "
+                         "segment(...) also takes a model name")
     gen = iter_predict(loaded, data, axes, batch_size=batch_size, modality=modality,
                        ct_window=ct_window, tta=tta, scale=scale)
     try:
@@ -325,14 +333,16 @@ def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int
 
 def to_labels(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Binary mask (uint8 0/1) of probabilities >= ``threshold``."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0.0 < threshold < 1.0:
+        raise InputError(f"threshold must be a number between 0 and 1, got {threshold!r}")
     return (np.asarray(prob) >= threshold).astype(np.uint8)
 
 
 def segment(model: str | os.PathLike | LoadedModel, data: np.ndarray, axes: str | None = None, *,
             threshold: float = 0.5, device: str = "auto", **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """One call for scripts: ``(mask, probabilities)`` of ``data`` (axes guessed only if not given)."""
+    if not isinstance(model, (str, os.PathLike, LoadedModel)):
+        raise InputError(f"model must be a model name, a checkpoint folder or a loaded model, got {model!r}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     axes = axes or default_axes(np.shape(data))
     prob = predict(loaded, data, axes, **kwargs)
