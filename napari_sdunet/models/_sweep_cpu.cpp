@@ -339,7 +339,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   at::Tensor dw_in_p = at::zeros({S3, S3}, fo);  // rows in the gate order of D: [n, r, z]
   at::Tensor dw_h = at::zeros({S3, S}, fo);
   const int nth = at::get_num_threads();
+  // bias-gradient row sums: per thread within a step, then into a float64 total (1e-7, not 1e-6, error)
   at::Tensor acc = at::zeros({nth, 4 * S}, fo);
+  at::Tensor acc_total = at::zeros({4 * S}, fo.dtype(at::kDouble));
   // W_in with its rows (gates) in D's order [n, r, z]: du = D[:, :3S] @ W_in_p, dx_prior = D[:, S:] @ W_h
   at::Tensor w_in_p = at::cat({w_in.narrow(0, 2 * S, S), w_in.narrow(0, 0, 2 * S)}, 0).to(gtype<G>()).contiguous();
   at::Tensor w_h_g = w_h.to(gtype<G>()).contiguous();
@@ -359,6 +361,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       T* ac = accp + at::get_thread_num() * 4 * S;
       for (int64_t m = lo; m < hi; ++m) bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxt + m * S, ac);
     });
+    acc_total.add_(acc.sum(0));
+    acc.zero_();
     at::Tensor dx_t = dx.select(0, t).view({M, S});
     const at::Tensor h = x_g.select(0, t).view({M, S});
     if (lp) at::mm_out(dxp, Dc, w_h_g);
@@ -384,7 +388,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
     });
   }
   dx.select(0, 0).copy_(g);
-  at::Tensor a = acc.sum(0);  // [n, r, z, c_n]
+  at::Tensor a = acc_total.to(grad.scalar_type());  // [n, r, z, c_n]
   at::Tensor db_in = at::cat({a.narrow(0, S, 2 * S), a.narrow(0, 0, S)});
   at::Tensor db_h = at::cat({a.narrow(0, S, 2 * S), a.narrow(0, 3 * S, S)});
   at::Tensor dw_in = at::cat({dw_in_p.narrow(0, S, 2 * S), dw_in_p.narrow(0, 0, S)}, 0);

@@ -1,11 +1,13 @@
-"""The fast CPU sweep and the naive benchmark baseline equal the cell-by-cell reference."""
+"""The fast CPU sweeps (C++ kernels and pure torch) and the naive baseline equal the cell-by-cell reference."""
 
 import pytest
 import torch
 
+from napari_sdunet.models import sweep_cpp
 from napari_sdunet.models.sdn import SDN, SDNCell
 from napari_sdunet.models.sdn_reference import sweep_reference
 from napari_sdunet.models.sweep import AUTO_ORDER, list_sweeps, pick_impl, sweep
+from napari_sdunet.models.sweep_fast import bf16_gemm_pays
 from napari_sdunet.models.sweep_naive import sweep_naive
 
 SHAPES = [(5, 5), (4, 7), (7, 3), (1, 6), (6, 1), (1, 1)]
@@ -33,7 +35,7 @@ def test_fast_is_registered_first_for_cpu():
 
 @pytest.mark.parametrize("direction", [0, 1, 2, 3])
 @pytest.mark.parametrize("hw", SHAPES)
-@pytest.mark.parametrize("impl", ["fast", "naive"])
+@pytest.mark.parametrize("impl", ["fast", "fast_py", "naive"])
 def test_values_and_gradients_equal_reference(impl, direction, hw):
     x, params = _setup(4, hw)
     g = torch.randn(2, 4, *hw, dtype=torch.float64)
@@ -47,19 +49,30 @@ def test_values_and_gradients_equal_reference(impl, direction, hw):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("impl", ["fast", "fast_py"])
 @pytest.mark.parametrize("direction", [0, 1, 2, 3])
-def test_gradcheck_fast(direction):
+def test_gradcheck_fast(impl, direction):
     x, params = _setup(3, (3, 4), B=1)
-    assert torch.autograd.gradcheck(lambda x, *p: sweep(x, *p, direction, impl="fast"), (x, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: sweep(x, *p, direction, impl=impl), (x, *params))
 
 
-def test_fast_float32_matches_reference_at_paper_state():
-    # float32 at S=150 on a non-square map: the production configuration
-    x, params = _setup(150, (6, 9), B=3, dtype=torch.float32)
+def test_cpp_kernels_are_built_and_vectorised():
+    # g++ and ninja are on the build machines; without them the pure-torch path runs (tested above)
+    if sweep_cpp.ops() is None:
+        pytest.skip("C++ sweep kernels could not be built here (see the RuntimeWarning)")
+    assert sweep_cpp.simd() or "avx512f" not in sweep_cpp._cpu_flags()
+
+
+@pytest.mark.parametrize("impl", ["fast", "fast_py"])
+@pytest.mark.parametrize("hw", [(6, 9), (9, 6), (7, 7)])
+def test_fast_float32_matches_reference_at_paper_state(impl, hw):
+    # float32 at S=150 (the production configuration) on square and non-square maps, all directions;
+    # 150 features are not a multiple of the 16-wide vectors, so the masked tails are exercised
+    x, params = _setup(150, hw, B=3, dtype=torch.float32)
     x = torch.tanh(x.detach()).requires_grad_()
-    g = torch.randn(3, 150, 6, 9)
-    for direction in (0, 2):
-        y = sweep(x, *params, direction, impl="fast")
+    g = torch.randn(3, 150, *hw)
+    for direction in (0, 1, 2, 3):
+        y = sweep(x, *params, direction, impl=impl)
         want = sweep_reference(x, *params, direction)
         torch.testing.assert_close(y, want, rtol=0, atol=2e-5)
         for a, b in zip(_grads(y, g, [x, *params]), _grads(want, g, [x, *params])):
@@ -110,28 +123,37 @@ def _rel(a, b):
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
-def test_fast_bf16_stays_within_bf16_error():
-    # bf16 GEMM operands, fp32 state: relative error of values and gradients ~1e-3, never worse than 1e-2
-    x, params = _setup(64, (9, 12), B=2)
+@pytest.mark.parametrize("impl", ["fast_bf16", "fast_py_bf16"])
+@pytest.mark.parametrize("hw", [(9, 12), (12, 9), (10, 10)])
+def test_fast_bf16_stays_within_bf16_error(impl, hw):
+    # bf16 GEMM operands, fp32 state: relative error of values and gradients ~3e-3 (the documented
+    # tolerance is 1e-2 for values, 2e-2 for gradients), on square and non-square maps, all directions
+    x, params = _setup(64, hw, B=2)
     x = torch.tanh(x.detach()).requires_grad_()
-    g = torch.randn(2, 64, 9, 12, dtype=torch.float64)
+    g = torch.randn(2, 64, *hw, dtype=torch.float64)
     x32 = x.detach().float().requires_grad_()
     p32 = [p.detach().float().requires_grad_() for p in params]
-    for direction in (0, 3):
+    for direction in (0, 1, 2, 3):
         want = sweep_reference(x, *params, direction)
-        got = sweep(x32, *p32, direction, impl="fast_bf16")
+        got = sweep(x32, *p32, direction, impl=impl)
         assert got.dtype == torch.float32
         assert 1e-5 < _rel(got, want) < 1e-2  # really reduced precision, and still close
         for a, b in zip(_grads(got, g.float(), [x32, *p32]), _grads(want, g, [x, *params])):
             assert _rel(a, b) < 2e-2
 
 
-def test_auto_uses_bf16_sweep_under_cpu_autocast_only():
+def test_auto_uses_bf16_sweep_under_cpu_autocast_only_where_it_pays(monkeypatch):
     x = torch.zeros(1, 2, 3, 3)
+    reduced = "fast_bf16" if bf16_gemm_pays() else "fast"  # the host rule, measured once
     assert pick_impl(x) == "fast"
+    assert pick_impl(x.bfloat16()) == reduced
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP_BF16", "0")
+    assert pick_impl(x.bfloat16()) == "fast"
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP_BF16", "1")
     assert pick_impl(x.bfloat16()) == "fast_bf16"
+    monkeypatch.delenv("NAPARI_SDUNET_SWEEP_BF16")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert pick_impl(x) == "fast_bf16"
+        assert pick_impl(x) == reduced
         # the exact path is still exact when asked for by name: autocast must not recast its GEMMs
         xs, params = _setup(5, (4, 6), dtype=torch.float32)
         y = sweep(xs, *params, 0, impl="fast")
@@ -150,3 +172,43 @@ def test_sdn_layer_trains_under_bf16_autocast():
     y_ref = ref(x)
     assert _rel(y.float(), y_ref) < 3e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sdn_layer_channels_last_equals_contiguous(autocast):
+    # the training campaign runs the model channels_last, in fp32 and under bf16 autocast
+    torch.manual_seed(0)
+    layer = SDN(3, 4, state=16)
+    x = torch.randn(2, 3, 6, 9)
+    ref = SDN(3, 4, state=16, impl="loop").double()
+    ref.load_state_dict(layer.state_dict())
+    y_ref = ref(x.double())
+    y_ref.sum().backward()
+    cl = SDN(3, 4, state=16).to(memory_format=torch.channels_last)
+    cl.load_state_dict(layer.state_dict())
+    xc = x.to(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = cl(xc)
+    y.float().sum().backward()
+    tol = 3e-2 if autocast else 1e-5
+    assert _rel(y.float(), y_ref) < tol
+    for (name, p), (_, q) in zip(cl.named_parameters(), ref.named_parameters()):
+        assert _rel(p.grad, q.grad) < 5 * tol, name
+
+
+def test_pooled_buffers_are_not_reused_while_held():
+    # the C++ path recycles its big buffers; an output still referenced must never be overwritten
+    x, params = _setup(8, (5, 6), dtype=torch.float32)
+    x = x.detach()
+    y1 = sweep(x, *params, 0, impl="fast").detach()
+    keep = y1.clone()
+    y2 = sweep(torch.tanh(x + 1), *params, 0, impl="fast").detach()
+    torch.testing.assert_close(y1, keep, rtol=0, atol=0)
+    assert not torch.equal(y1, y2)
+    for _ in range(2):  # and repeated training-style calls give the same values and gradients
+        xr = x.clone().requires_grad_()
+        grads = torch.autograd.grad(sweep(xr, *params, 2, impl="fast").square().sum(), [xr, *params])
+        if _ == 0:
+            first = [g.clone() for g in grads]
+    for a, b in zip(grads, first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
