@@ -2,16 +2,19 @@
 
 Measures, on the current machine and in the same process (so ratios are comparable):
 
-1. large-matmul throughput (the ceiling we compare to) and a GEMM of the sweep step's own shape;
-2. each sweep implementation, two directions (0 then 2, as in the paper), S=150, B=20, for each
-   map size: forward and forward+backward, time, GFLOP/s and % of the matmul throughput;
-3. one training step (forward, 0.5 BCE + soft-Dice loss, backward, Adam) of U-Net, U-Net++, SDU-Net
-   and SDNU-Net with the nuclei preset (96x96 RGB).
+1. the host (CPU model, AMX, AVX512-BF16, the sweep's bf16 rule) and a square matmul for scale;
+2. the GEMMs of one sweep step at the sweep's own shapes and dtype (fp32, and bf16 operands):
+   prior (BL x S)(S x 3S), taps (BL x 3S)(3S x 3S), and backward dU, dx, dW_in, dW_h. Their
+   FLOP-weighted rate is the ceiling of a sweep that did nothing but its GEMMs;
+3. each sweep implementation, two directions (0 then 2, as in the paper), S=150, B=20, for each map
+   size, fp32 and bf16: forward and forward+backward, time, GFLOP/s and % of that same-shape ceiling;
+4. one training step of U-Net, U-Net++, SDU-Net and SDNU-Net (nuclei preset, 96x96, B=20) in fp32,
+   fp32 + channels_last and bf16 autocast + channels_last, and the SD / baseline step-time ratios.
 
 FLOPs are model FLOPs: a swept cell costs 24 S^2 forward (12 S^2 MACs: 9 S^2 recurrent, 3 S^2 prior),
-forward+backward 3x that; gate elementwise work is not counted.
+forward+backward 3x that (exactly the FLOPs of the GEMMs above); gate elementwise work is not counted.
 
-    .venv/bin/python benchmarks/bench_sdn.py                      # default run (< 10 min, 2 CPU cores)
+    .venv/bin/python benchmarks/bench_sdn.py --threads 1                     # full CPU run (~15 min)
     .venv/bin/python benchmarks/bench_sdn.py --sizes 24 --repeats 2 --no-steps   # quick check
     .venv/bin/python benchmarks/bench_sdn.py --device cuda        # GPU (see gpu_check.sh)
 """
@@ -32,9 +35,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import bench_train_step  # noqa: E402
 from napari_sdunet.models import create_model  # noqa: E402
 from napari_sdunet.models.sdn import SDNCell  # noqa: E402
 from napari_sdunet.models.sweep import list_sweeps, sweep  # noqa: E402
+from napari_sdunet.models.sweep_fast import bf16_gemm_pays, gemm_probe  # noqa: E402
 from napari_sdunet.models.sweep_naive import sweep_naive  # noqa: E402
 
 
@@ -63,19 +68,39 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, repeats: int
     return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=c), repeats, device) / 1e9
 
 
-def step_gemm_gflops(m: int, k: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    """(m x k) @ (k x k) + bias: the shape of one sweep step's recurrent GEMM."""
-    u = torch.randn(m, k, dtype=dtype, device=device)
-    w = torch.randn(k, k, dtype=dtype, device=device)
-    b = torch.randn(k, dtype=dtype, device=device)
-    o = torch.empty(m, k, dtype=dtype, device=device)
-    inner = 10
+def sweep_gemm_gflops(m: int, S: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, float]:
+    """FLOP-weighted GEMM rate of one sweep step at its own shapes (M = B*L rows) and operand dtype.
 
-    def run():
-        for _ in range(inner):
-            torch.addmm(b, u, w.t(), out=o)
+    Returns {"fwd": rate of the 2 forward GEMMs, "fwd+bwd": rate of all 6, and each GEMM's own rate}.
+    """
+    S3 = 3 * S
+    g = torch.Generator(device="cpu").manual_seed(0)
 
-    return inner * 2 * m * k * k / best_time(run, repeats, device) / 1e9
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    u, h, w_in, w_h, da = r(m, S3), r(m, S), r(S3, S3), r(S3, S), r(m, S3)
+    o3, o1, ow, owh = r(m, S3), r(m, S), r(S3, S3), r(S3, S)
+    gemms = {  # name: (flops, fn, pass)
+        "prior h W_h^T": (2 * m * S * S3, lambda: torch.mm(h, w_h.t(), out=o3), "fwd"),
+        "taps U W_in^T": (2 * m * S3 * S3, lambda: torch.mm(u, w_in.t(), out=o3), "fwd"),
+        "dU = dA W_in": (2 * m * S3 * S3, lambda: torch.mm(da, w_in, out=o3), "bwd"),
+        "dx = dC W_h": (2 * m * S3 * S, lambda: torch.mm(da, w_h, out=o1), "bwd"),
+        "dW_in = dA^T U": (2 * m * S3 * S3, lambda: torch.mm(da.t(), u, out=ow), "bwd"),
+        "dW_h = dC^T h": (2 * m * S3 * S, lambda: torch.mm(da.t(), h, out=owh), "bwd"),
+    }
+    inner = 5
+    res, secs = {}, {}
+    for name, (flops, fn, _) in gemms.items():
+        def run(fn=fn):
+            for _ in range(inner):
+                fn()
+
+        secs[name] = best_time(run, repeats, device) / inner
+        res[name] = flops / secs[name] / 1e9
+    for pas, names in (("fwd", [n for n, v in gemms.items() if v[2] == "fwd"]), ("fwd+bwd", list(gemms))):
+        res[pas] = sum(gemms[n][0] for n in names) / sum(secs[n] for n in names) / 1e9
+    return res
 
 
 def sweep_flops(h: int, w: int, S: int, B: int, directions=(0, 2)) -> float:
@@ -83,13 +108,19 @@ def sweep_flops(h: int, w: int, S: int, B: int, directions=(0, 2)) -> float:
     return 24.0 * S * S * cells * B
 
 
-def bench_sweeps(args, device: torch.device, dtype: torch.dtype, mm: float) -> list[dict]:
+def precision_of(impl: str) -> str:
+    """bf16 for the implementations with bf16 GEMM operands, fp32 for the rest (inputs are fp32)."""
+    return "bf16" if impl.endswith("_bf16") else "fp32"
+
+
+def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
+    """Time each implementation at each size; ``ceilings[(precision, size)]`` = same-shape GEMM rates."""
     gen = torch.Generator().manual_seed(0)
-    cells = [SDNCell(args.state).to(device=device, dtype=dtype) for _ in (0, 2)]
-    impls = ["naive"] + [i for i in args.impls if i != "naive"]
+    cells = [SDNCell(args.state).to(device=device) for _ in (0, 2)]
     rows = []
     for size in args.sizes:
-        x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device, dtype)
+        x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device)
+        impls = [i for i in args.impls if i != "naive" or size < args.naive_below]
         for impl in impls:
             for backward in (False, True):
                 def run(impl=impl, backward=backward, x0=x0):
@@ -107,13 +138,16 @@ def bench_sweeps(args, device: torch.device, dtype: torch.dtype, mm: float) -> l
                 reps = args.repeats if size < 96 else args.repeats_96
                 t = best_time(run, reps, device)
                 flops = sweep_flops(size, size, args.state, args.batch) * (3 if backward else 1)
-                rows.append({"size": size, "impl": impl, "pass": "fwd+bwd" if backward else "fwd",
-                             "seconds": t, "gflops": flops / t / 1e9, "pct_matmul": 100 * flops / t / 1e9 / mm})
-                print(f"  sweep {size}x{size} {impl:>7} {rows[-1]['pass']:>7}: {t:8.3f} s "
-                      f"{rows[-1]['gflops']:7.1f} GFLOP/s", flush=True)
+                pas = "fwd+bwd" if backward else "fwd"
+                prec = precision_of(impl)
+                gf = flops / t / 1e9
+                rows.append({"size": size, "impl": impl, "precision": prec, "pass": pas, "seconds": t,
+                             "gflops": gf, "pct_gemm": 100 * gf / ceilings[prec, size][pas]})
+                print(f"  sweep {size}x{size} {impl:>12} {pas:>7}: {t:8.3f} s {gf:7.1f} GFLOP/s "
+                      f"({rows[-1]['pct_gemm']:.0f} % of same-shape {prec} GEMM)", flush=True)
     for r in rows:
-        base = next(b for b in rows if b["size"] == r["size"] and b["pass"] == r["pass"] and b["impl"] == "naive")
-        r["speedup_vs_naive"] = base["seconds"] / r["seconds"]
+        base = [b for b in rows if b["size"] == r["size"] and b["pass"] == r["pass"] and b["impl"] == "naive"]
+        r["speedup_vs_naive"] = base[0]["seconds"] / r["seconds"] if base else None
     return rows
 
 
@@ -151,17 +185,38 @@ def bench_steps(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((ln.split(":", 1)[1] for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
-    else:
-        try:
-            with open("/proc/cpuinfo") as f:
-                info["device"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            info["device"] = platform.processor()
-        info["cores"] = os.cpu_count()
+        return info
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["device"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["device"] = platform.processor()
+    flags = cpu_flags()
+    info["cores"] = os.cpu_count()
+    info["amx"] = bool({"amx_bf16", "amx_tile"} & flags)
+    info["avx512_bf16"] = "avx512_bf16" in flags
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    fp32, bf16 = gemm_probe()
+    info["probe_gflops"] = {"fp32": fp32, "bf16": bf16}
+    info["bf16_gemm_pays"] = bf16_gemm_pays()
+    try:
+        from napari_sdunet.models import sweep_cpp
+
+        info["cpp_kernels"] = "avx512" if sweep_cpp.simd() else ("scalar" if sweep_cpp.ops() else "not built")
+    except Exception as err:  # report, do not fail the benchmark
+        info["cpp_kernels"] = f"error: {err}"
     return info
 
 
@@ -179,14 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--state", type=int, default=150)
     ap.add_argument("--impls", nargs="+", default=None,
-                    help="sweep implementations besides the naive loop (default: every registered one)")
+                    help="sweep implementations (names ending in _bf16 run bf16 GEMM operands; default: "
+                         "naive fast_py fast fast_py_bf16 fast_bf16 on CPU)")
+    ap.add_argument("--naive-below", type=int, default=96, help="time the naive loop only below this size")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after a warm-up) below 96x96")
     ap.add_argument("--repeats-96", type=int, default=1, help="timed repeats at 96x96 and above")
     ap.add_argument("--mm-size", type=int, default=2048, help="size of the square reference matmul")
-    ap.add_argument("--mm-repeats", type=int, default=10, help="timed repeats of the reference matmuls")
+    ap.add_argument("--mm-repeats", type=int, default=5, help="timed repeats of the reference GEMMs")
     ap.add_argument("--no-steps", action="store_true", help="skip the training-step benchmark")
     ap.add_argument("--step-impls", nargs="+", default=["auto"],
-                    help="sdn_impl values for the SD networks' training steps (e.g. auto loop)")
+                    help="sdn_impl values for the SD networks' training steps (CUDA: e.g. auto loop)")
+    ap.add_argument("--step-modes", nargs="+", default=["fp32", "fp32_cl", "bf16_cl"],
+                    choices=list(bench_train_step.MODES), help="CPU training-step modes, side by side")
     ap.add_argument("--step-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -197,61 +256,92 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the sweeps' GEMMs too
     if args.impls is None:
-        wanted = ["loop", "fast"] + (["triton", "triton_bf16"] if device.type == "cuda" else ["fast_bf16"])
-        args.impls = [i for i in wanted if i in list_sweeps()]
+        wanted = (["naive", "loop", "fast", "triton", "triton_bf16"] if device.type == "cuda"
+                  else ["naive", "fast_py", "fast", "fast_py_bf16", "fast_bf16"])
+        args.impls = [i for i in wanted if i == "naive" or i in list_sweeps()]
     info = machine_info(device)
     info["load_before"] = load()
     print(f"# {info}", flush=True)
 
-    m = args.batch * max(args.sizes)
+    precisions = sorted({precision_of(i) for i in args.impls}, key=["fp32", "bf16"].index)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    def ceilings() -> tuple[float, float, float]:
-        return (matmul_gflops(args.mm_size, dtype, device, args.mm_repeats),
-                matmul_gflops(args.mm_size, torch.bfloat16, device, args.mm_repeats),
-                step_gemm_gflops(m, 3 * args.state, dtype, device, args.mm_repeats))
+    def read_ceilings() -> tuple[float, float, dict]:
+        mm = matmul_gflops(args.mm_size, torch.float32, device, args.mm_repeats)
+        mm_bf16 = matmul_gflops(args.mm_size, torch.bfloat16, device, args.mm_repeats)
+        same = {(p, n): sweep_gemm_gflops(args.batch * n, args.state, dtypes[p], device, args.mm_repeats)
+                for p in precisions for n in args.sizes}
+        return mm, mm_bf16, same
 
-    # measured before and after the sweeps; the best is kept (on a shared machine the best of many
+    # read before and after the sweeps; the best is kept (on a shared machine the best of many
     # repeats is the machine's capacity, as for every timing below)
-    mm, mm_bf16, step_mm = ceilings()
-    print(f"  (first reading) matmul fp32 {args.mm_size}^3: {mm:.1f} GFLOP/s; bf16: {mm_bf16:.1f} GFLOP/s; "
-          f"step GEMM ({m}x{3 * args.state})@({3 * args.state}x{3 * args.state}) fp32: {step_mm:.1f} GFLOP/s",
-          flush=True)
-    res = {"machine": info, "matmul_gflops": mm, "matmul_bf16_gflops": mm_bf16, "step_gemm_gflops": step_mm,
-           "batch": args.batch, "state": args.state}
-    sweeps = bench_sweeps(args, device, dtype, mm)
-    mm, mm_bf16, step_mm = (max(a, b) for a, b in zip((mm, mm_bf16, step_mm), ceilings()))
-    res.update(matmul_gflops=mm, matmul_bf16_gflops=mm_bf16, step_gemm_gflops=step_mm)
+    mm, mm_bf16, same = read_ceilings()
+    for (p, n), v in same.items():
+        print(f"  (first reading) same-shape {p} GEMMs at {n}x{n} (M={args.batch * n}): fwd {v['fwd']:.0f}, "
+              f"fwd+bwd {v['fwd+bwd']:.0f} GFLOP/s", flush=True)
+    sweeps = bench_sweeps(args, device, same)
+    mm2, mm_bf162, same2 = read_ceilings()
+    mm, mm_bf16 = max(mm, mm2), max(mm_bf16, mm_bf162)
+    same = {k: {g: max(v, same2[k][g]) for g, v in same[k].items()} for k in same}
     for r in sweeps:
-        r["pct_matmul"] = 100 * r["gflops"] / mm
-    res["sweeps"] = sweeps
-    res["steps"] = [] if args.no_steps else bench_steps(args, device)
+        r["pct_gemm"] = 100 * r["gflops"] / same[r["precision"], r["size"]][r["pass"]]
+        r["pct_matmul"] = 100 * r["gflops"] / (mm if r["precision"] == "fp32" else mm_bf16)
+    res = {"machine": info, "matmul_gflops": mm, "matmul_bf16_gflops": mm_bf16, "batch": args.batch,
+           "state": args.state, "same_shape_gemm": {f"{p} {n}": v for (p, n), v in same.items()},
+           "sweeps": sweeps}
+    steps = None
+    if not args.no_steps:
+        if device.type == "cpu":
+            impl = None if args.step_impls == ["auto"] else args.step_impls[0]
+            steps = bench_train_step.run(list(bench_train_step.PAIRS.values()) + list(bench_train_step.PAIRS),
+                                         args.step_modes, "nuclei", [96, 96], args.batch, args.step_repeats, impl)
+            steps = {a: steps[a] for a in ("unet", "unetpp", "sdunet", "sdnunet")}
+        else:
+            res["steps_cuda"] = bench_steps(args, device)
+    res["steps"] = steps
     info["load_after"] = load()
 
     print()
     print(f"Machine: {info['device']}, torch {info['torch']}, {info['threads']} threads; "
           f"load average before {info['load_before']}, after {info['load_after']}")
-    print(f"Matmul fp32 {args.mm_size}^3: **{mm:.0f} GFLOP/s** (bf16 {mm_bf16:.0f}); "
-          f"step-shaped GEMM ({m}x{3 * args.state})@({3 * args.state}x{3 * args.state}): {step_mm:.0f} GFLOP/s")
+    if device.type == "cpu":
+        print(f"AMX: {'yes' if info['amx'] else 'no'}; AVX512-BF16: {'yes' if info['avx512_bf16'] else 'no'}; "
+              f"ATen CPU capability {info['cpu_capability']}; C++ sweep kernels: {info['cpp_kernels']}; "
+              f"bf16 GEMM probe {info['probe_gflops']['bf16']:.0f} vs fp32 {info['probe_gflops']['fp32']:.0f} "
+              f"GFLOP/s, so autocast sweeps use {'bf16' if info['bf16_gemm_pays'] else 'fp32'} operands")
+    print(f"Square matmul {args.mm_size}^3: fp32 {mm:.0f} GFLOP/s, bf16 {mm_bf16:.0f} GFLOP/s")
     print()
-    print(f"Sweep, 2 directions, S={args.state}, B={args.batch}, fp32 (best of repeats):")
+    print("Same-shape GEMM ceilings (GFLOP/s, FLOP-weighted over the sweep step's GEMMs; best reading):")
     print()
-    print("| map | impl | pass | time (s) | GFLOP/s | % of matmul | vs naive |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for r in res["sweeps"]:
-        print(f"| {r['size']}² | {r['impl']} | {r['pass']} | {r['seconds']:.3f} | {r['gflops']:.0f} | "
-              f"{r['pct_matmul']:.0f} % | {r['speedup_vs_naive']:.2f}× |")
-    if res["steps"]:
-        ref = {r["arch"]: r["seconds"] for r in res["steps"] if r["sdn_impl"] == "-"}
+    print("| precision | map | M = B·L | fwd | fwd+bwd | " + " | ".join(
+        k for k in next(iter(same.values())) if k not in ("fwd", "fwd+bwd")) + " |")
+    print("|---|---|---:|---:|---:|" + "---:|" * 6)
+    for (p, n), v in same.items():
+        print(f"| {p} | {n}² | {args.batch * n} | {v['fwd']:.0f} | {v['fwd+bwd']:.0f} | "
+              + " | ".join(f"{x:.0f}" for k, x in v.items() if k not in ("fwd", "fwd+bwd")) + " |")
+    print()
+    print(f"Sweep, 2 directions, S={args.state}, B={args.batch}, fp32 inputs (best of repeats):")
+    print()
+    print("| map | impl | GEMM operands | pass | time (s) | GFLOP/s | % of same-shape GEMM | vs naive |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for r in sweeps:
+        vs = f"{r['speedup_vs_naive']:.2f}×" if r["speedup_vs_naive"] else "-"
+        print(f"| {r['size']}² | {r['impl']} | {r['precision']} | {r['pass']} | {r['seconds']:.3f} | "
+              f"{r['gflops']:.0f} | {r['pct_gemm']:.0f} % | {vs} |")
+    if steps:
         print()
-        print(f"Training step, nuclei preset, B={args.batch}, 96×96 (forward, loss, backward, Adam):")
+        print(f"Training step, nuclei preset, B={args.batch}, 96×96 (forward, loss, backward, Adam), seconds:")
+        print()
+        print("\n".join(bench_train_step.table(steps, args.step_modes)))
+    if res.get("steps_cuda"):
+        ref = {r["arch"]: r["seconds"] for r in res["steps_cuda"] if r["sdn_impl"] == "-"}
         print()
         print("| network | sdn impl | time (s) | vs U-Net | vs U-Net++ |")
         print("|---|---|---:|---:|---:|")
-        for r in res["steps"]:
+        for r in res["steps_cuda"]:
             print(f"| {r['arch']} | {r['sdn_impl']} | {r['seconds']:.2f} | {r['seconds'] / ref['unet']:.1f}× | "
                   f"{r['seconds'] / ref['unetpp']:.1f}× |")
     if args.json:

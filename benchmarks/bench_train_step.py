@@ -1,30 +1,47 @@
-"""Training-step cost of the four networks, float32 vs bfloat16 autocast, measured side by side (CPU).
+"""Training-step cost of the four networks in fp32, fp32 + channels_last and bf16 autocast, side by side (CPU).
 
-    python benchmarks/bench_train_step.py --threads 2 --task nuclei
+    python benchmarks/bench_train_step.py --threads 1 --task nuclei
+    python benchmarks/bench_train_step.py --modes fp32 bf16_cl --archs sdunet unet
 
 One step = forward, the recipe's loss, backward and an Adam update on a random batch of the task's
 preset size (batch 20, Table 5). Prints the median of ``--repeats`` steps after one warm-up step per
-network and precision, and the fp32 / bf16 ratio. bf16 autocast is what ``python -m training --bf16``
-uses; it pays off on CPUs with AVX-512 BF16 or AMX.
+network and mode, the ratios between modes, and the step-time ratios SDU-Net / U-Net and
+SDNU-Net / U-Net++ at the same precision (issue 13's targets). ``bf16_cl`` is what the training
+campaign runs: ``model.to(memory_format=torch.channels_last)``, channels_last input and
+``torch.autocast("cpu", dtype=torch.bfloat16)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from napari_sdunet.losses import dice_bce_loss
-from napari_sdunet.models import TASKS, create_model, list_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from napari_sdunet.losses import dice_bce_loss  # noqa: E402
+from napari_sdunet.models import TASKS, create_model, list_models  # noqa: E402
+
+#: mode -> (bf16 autocast, channels_last)
+MODES = {"fp32": (False, False), "fp32_cl": (False, True), "bf16_cl": (True, True), "bf16": (True, False)}
+#: SD network -> its convolutional baseline
+PAIRS = {"sdunet": "unet", "sdnunet": "unetpp"}
 
 
-def step_seconds(arch: str, task: str, size: list[int], batch: int, bf16: bool, repeats: int) -> float:
+def step_seconds(arch: str, task: str, size: list[int], batch: int, mode: str, repeats: int,
+                 sdn_impl: str | None = None) -> float:
+    """Median seconds of ``repeats`` training steps of ``arch`` in ``mode`` (after one warm-up step)."""
+    bf16, channels_last = MODES[mode]
     torch.manual_seed(0)
-    model = create_model(arch, task)
+    model = create_model(arch, task, **({"sdn_impl": sdn_impl} if sdn_impl else {}))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    x = torch.rand(batch, model.in_channels, *size)
+    x = torch.rand(batch, model.in_channels, *size).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, *size) > 0.5).float()
     times = []
     for _ in range(repeats + 1):  # the first step warms up allocators and kernels
@@ -39,6 +56,35 @@ def step_seconds(arch: str, task: str, size: list[int], batch: int, bf16: bool, 
     return statistics.median(times[1:])
 
 
+def run(archs: list[str], modes: list[str], task: str, size: list[int], batch: int, repeats: int,
+        sdn_impl: str | None = None, echo=print) -> dict[str, dict[str, float]]:
+    """Seconds per step, ``{arch: {mode: s}}``, measured network by network (modes side by side)."""
+    res: dict[str, dict[str, float]] = {}
+    for arch in archs:
+        res[arch] = {}
+        for mode in modes:
+            impl = sdn_impl if arch in PAIRS else None
+            res[arch][mode] = step_seconds(arch, task, size, batch, mode, repeats, impl)
+            echo(f"  step {arch:>8} {mode:>8}: {res[arch][mode]:7.2f} s", flush=True)
+    return res
+
+
+def table(res: dict[str, dict[str, float]], modes: list[str]) -> list[str]:
+    """Markdown table: seconds per step per mode, ratios to the first mode, and SD / baseline ratios."""
+    lines = ["| network | " + " | ".join(f"{m} s/step" for m in modes) + " | "
+             + " | ".join(f"{modes[0]} / {m}" for m in modes[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(modes) - 1)]
+    for arch, row in res.items():
+        cells = [f"{row[m]:.2f}" for m in modes] + [f"{row[modes[0]] / row[m]:.2f}x" for m in modes[1:]]
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    pairs = [(sd, base) for sd, base in PAIRS.items() if sd in res and base in res]
+    if pairs:
+        lines += ["", "| step-time ratio | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+        for sd, base in pairs:
+            lines.append(f"| {sd} / {base} | " + " | ".join(f"{res[sd][m] / res[base][m]:.2f}" for m in modes) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="nuclei", choices=sorted(TASKS))
@@ -47,15 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--archs", nargs="+", default=list_models(), choices=list_models())
+    ap.add_argument("--modes", nargs="+", default=["fp32", "fp32_cl", "bf16_cl"], choices=list(MODES))
+    ap.add_argument("--sdn-impl", default=None, help="sweep implementation of the SD networks (default: auto)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     size = [int(v) for v in a.size.split("x")] if a.size else TASKS[a.task]["preprocessing"]["input_size"]
     print(f"{a.task} {size[0]}x{size[1]}, batch {a.batch}, {a.threads} thread(s), median of {a.repeats} steps")
-    print(f"{'network':<10} {'fp32 s/step':>12} {'bf16 s/step':>12} {'fp32/bf16':>10}")
-    for arch in a.archs:
-        f32 = step_seconds(arch, a.task, size, a.batch, False, a.repeats)
-        b16 = step_seconds(arch, a.task, size, a.batch, True, a.repeats)
-        print(f"{arch:<10} {f32:>12.2f} {b16:>12.2f} {f32 / b16:>9.2f}x", flush=True)
+    res = run(a.archs, a.modes, a.task, size, a.batch, a.repeats, a.sdn_impl)
+    print()
+    print("\n".join(table(res, a.modes)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,29 @@
 """The benchmark scripts still run (tiny sizes; the timings themselves are not tested)."""
 
+import json
+
+from benchmarks.bench_sdn import main as bench_sdn
 from benchmarks.bench_train_step import main as bench_train_step
 
 
-def test_bench_train_step_prints_fp32_bf16_ratios(capsys, one_torch_thread):
+def test_bench_train_step_prints_modes_and_sd_baseline_ratios(capsys, one_torch_thread):
     bench_train_step(["--archs", "unet", "sdunet", "--size", "16x16", "--batch", "1", "--repeats", "1",
-                      "--threads", "1"])
-    lines = capsys.readouterr().out.splitlines()
+                      "--threads", "1", "--modes", "fp32", "bf16_cl"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     assert lines[0].startswith("nuclei 16x16, batch 1")
-    rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
-    assert set(rows) == {"unet", "sdunet"} and all(r[-1].endswith("x") and float(r[1]) > 0 for r in rows.values())
+    rows = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| unet |") or ln.startswith("| sdunet |")}
+    assert set(rows) == {"unet", "sdunet"} and all(r.rstrip(" |").endswith("x") for r in rows.values())
+    assert "| sdunet / unet |" in out
+
+
+def test_bench_sdn_reports_host_and_same_shape_gemm_percentages(capsys, one_torch_thread, tmp_path):
+    bench_sdn(["--sizes", "6", "--batch", "1", "--state", "8", "--repeats", "1", "--mm-size", "64",
+               "--mm-repeats", "1", "--no-steps", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "AMX:" in out and "% of same-shape GEMM" in out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert {"amx", "avx512_bf16", "bf16_gemm_pays"} <= set(res["machine"])
+    got = {(r["precision"], r["impl"]) for r in res["sweeps"]}
+    assert {("fp32", "fast"), ("bf16", "fast_bf16")} <= got
+    assert all(r["pct_gemm"] > 0 for r in res["sweeps"])
