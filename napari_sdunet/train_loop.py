@@ -150,7 +150,7 @@ def _save_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"best.{k}": v for k, v in best_state.items()})
+    tensors.update({f"best.{k}": v.contiguous() for k, v in best_state.items()})
     opt_state = opt.state_dict()
     for pid, st in opt_state["state"].items():
         for k, v in st.items():
@@ -216,12 +216,17 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
     state_dir: str | os.PathLike | None = None,
     state_every: int = 50,
+    start_step: int = 0,
+    start_cpu_seconds: float = 0.0,
+    start_best_dice: float = -1.0,
 ) -> FitResult:
     """Train ``model`` in place; at the end it holds the best-validation weights.
 
     Datasets yield ``(image (C,H,W) float, mask (1,H,W) float {0,1})``. Without a validation set
     the final weights are kept. ``state_dir``: if it holds a saved state, training resumes from it;
-    the state is rewritten every ``state_every`` steps and at the end.
+    the state is rewritten every ``state_every`` steps (and every ``config.state_every_s`` seconds)
+    and at the end. Without a saved state, ``start_*`` continue an earlier run whose weights the model
+    already holds (on a new machine: from the shipped weights, with a fresh optimizer).
     """
     cfg = config
     dev = resolve_device(device)
@@ -276,9 +281,9 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16
 
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    best_dice, best_step, step, checks_since_best = -1.0, 0, 0, 0
-    cpu_before = 0.0
+    best_state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    best_dice, best_step, step, checks_since_best = float(start_best_dice), int(start_step), int(start_step), 0
+    cpu_before = float(start_cpu_seconds)
     history: list[dict[str, float]] = []
     sdir = Path(state_dir) if state_dir else None
     if sdir is not None and (sdir / "state.json").is_file():
@@ -322,7 +327,7 @@ def fit(
         improved = val_set is None or not len(val_set) or vd > best_dice
         if improved:
             best_dice, best_step, checks_since_best = (vd if not math.isnan(vd) else best_dice), step, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         else:
             checks_since_best += 1
         history.append({"step": step, "epoch": epoch, "loss": mean_loss, "val_dice": vd,

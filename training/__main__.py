@@ -1,4 +1,4 @@
-"""``python -m training fit|evaluate|reproduce|ship``: the experiment command line."""
+"""``python -m training fit|evaluate|reproduce|campaign``: the experiment command line."""
 
 from __future__ import annotations
 
@@ -99,6 +99,11 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "campaign":  # its own sub-commands (run / status / ship)
+        from .campaign import main as campaign_main
+
+        return campaign_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("fit", help="train one network and test it")

@@ -248,6 +248,50 @@ def _cvc_clinicdb(root: Path, splits: set[str], size: Sequence[int], channels: i
     return _stack(pairs, size, channels, ids, groups)
 
 
+def load_native(task: str, split: str | Sequence[str], *, source: str | os.PathLike | None = None,
+                data_root: str | os.PathLike | None = None, limit: int | None = None,
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """A 2-D split at its own pixel size: lists of uint8 images (C,H,W) and masks (1,H,W) {0,1}, ids.
+
+    For training on random patches at native scale (:class:`napari_sdunet.batches.BatchSource`) and
+    tiled inference; only the uniform layout (``images/ + masks/ + split.csv``) is read this way.
+    """
+    path = resolve_source(task, source, data_root)
+    if detect_layout(path) != "uniform_2d":
+        raise DataError(f"{path}: native-resolution training needs the images/ + masks/ + split.csv layout")
+    channels = int(TASKS[task]["preprocessing"]["channels"])
+    table = _read_split_csv(path / "split.csv")
+    want = _want(split)
+    ids = spread([i for i in sorted(table, key=natural_key) if table[i][0] in want], limit)
+    if not ids:
+        raise DataError(f"{path}: no images in split {sorted(want)}")
+    images, masks = [], []
+    for i in ids:
+        images.append(torch.from_numpy(to_chw(read_image(path / "images" / f"{i}.png"), channels)))
+        m = read_image(path / "masks" / f"{i}.png")
+        masks.append(torch.from_numpy(((m if m.ndim == 2 else m[..., 0]) > 0).astype(np.uint8))[None])
+    return images, masks, ids
+
+
+def center_crops(images: list[torch.Tensor], masks: list[torch.Tensor], ids: list[str], size: int,
+                 ) -> SegDataset:
+    """A fixed-size validation set from native images: the central ``size`` square of each
+    (reflect-padded when an image is smaller), so that validation is cheap and the same every time."""
+    xs, ms = [], []
+    for im, mk in zip(images, masks):
+        h, w = im.shape[-2:]
+        ph, pw = max(0, size - h), max(0, size - w)
+        if ph or pw:
+            pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+            im = F.pad(im[None].float(), pads, mode="reflect")[0].to(torch.uint8)
+            mk = F.pad(mk[None].float(), pads, mode="reflect")[0].to(torch.uint8)
+            h, w = im.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        xs.append(im[:, top:top + size, left:left + size])
+        ms.append(mk[:, top:top + size, left:left + size])
+    return SegDataset(torch.stack(xs), torch.stack(ms), list(ids))
+
+
 # -- CT volumes --------------------------------------------------------------------------------------
 
 def window(hu: np.ndarray, win: Sequence[float]) -> np.ndarray:

@@ -1,0 +1,285 @@
+"""The training campaign: kill -9 and resume lose nothing, status, new-machine continuation, warm start.
+
+Runs on a small data set the test makes (no ../shared needed): blob images in the uniform layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.campaign import (
+    CampaignError,
+    choose_precision,
+    format_status,
+    load_campaign,
+    status_rows,
+    train_run,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+TOML = """
+[campaign]
+runs_dir = "{runs}"
+state_every_minutes = {every}
+
+[recipe.blobs]
+task = "nuclei"
+source = "blobs"
+native = true
+patch = [32, 32]
+val_crop = 48
+batch_size = 4
+lr = 3e-3
+warmup_steps = 2
+val_every = 4
+patience = 100
+tile_size = [64, 64]
+model = {{ base_filters = 4 }}
+augment = {{ flips = true, rot90 = true, scale = [0.8, 1.25], intensity = 0.1 }}
+
+[[run]]
+name = "unet-nuclei"
+arch = "unet"
+recipe = "blobs"
+steps = {steps}
+"""
+
+
+def make_blobs(root: Path, n_train: int = 8, n_val: int = 3, n_test: int = 3) -> Path:
+    """images/ + masks/ + split.csv of bright discs on a dark, noisy background."""
+    rng = np.random.default_rng(0)
+    folder = root / "blobs"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rows = ["id,split"]
+    for k in range(n_train + n_val + n_test):
+        h, w = (56, 72) if k % 2 else (64, 60)
+        yy, xx = np.mgrid[:h, :w]
+        mask = np.zeros((h, w), bool)
+        for _ in range(4):
+            cy, cx, r = rng.integers(6, h - 6), rng.integers(6, w - 6), rng.integers(3, 7)
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = np.clip(40 + 150 * mask + rng.normal(0, 20, (h, w)), 0, 255).astype(np.uint8)
+        Image.fromarray(np.repeat(img[..., None], 3, -1)).save(folder / "images" / f"b{k}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(folder / "masks" / f"b{k}.png")
+        split = "train" if k < n_train else ("val" if k < n_train + n_val else "test")
+        rows.append(f"b{k},{split}")
+    (folder / "split.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_toml(path: Path, runs: Path, steps: int = 12, every: float = 0.0) -> Path:
+    path.write_text(TOML.format(runs=runs.as_posix(), steps=steps, every=every))
+    return path
+
+
+def _cli(toml: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training", "campaign", "run", str(toml), "--data-root", str(data),
+            "--threads", "1", "--precision", "fp32", "--no-ship", *extra]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _final(runs: Path) -> tuple[dict, list[str]]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(runs / "unet-nuclei" / "state" / "state.safetensors"))
+    rows = (runs / "unet-nuclei" / "log.csv").read_text().splitlines()
+    return state, rows
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path):
+    data = make_blobs(tmp_path / "data")
+    ref_runs, kill_runs = tmp_path / "ref", tmp_path / "killed"
+    ref = write_toml(tmp_path / "ref.toml", ref_runs)
+    subprocess.run(_cli(ref, data), check=True, env=_env(), cwd=REPO, capture_output=True, timeout=600)
+
+    toml = write_toml(tmp_path / "k.toml", kill_runs)
+    proc = subprocess.Popen(_cli(toml, data), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state_json = kill_runs / "unet-nuclei" / "state" / "state.json"
+    deadline = time.time() + 300
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads(state_json.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            step = 0
+        if step >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert 5 <= step < 12, f"the run was not caught mid-way (step {step})"
+    resumed_at = json.loads(state_json.read_text())["step"]
+    assert resumed_at >= 5
+    out = subprocess.run(_cli(toml, data), check=True, env=_env(), cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert "resuming from" in out.stdout
+    meta = json.loads(state_json.read_text())
+    assert meta["step"] == 12 and (kill_runs / "unet-nuclei" / "done.json").is_file()
+    a, a_rows = _final(ref_runs)
+    b, b_rows = _final(kill_runs)
+    # the same weights and optimizer moments at the end: the resumed run lost nothing and jumped nowhere
+    for k in a:
+        if k.startswith(("model.", "opt.")):
+            assert torch.equal(a[k], b[k]), k
+    val = [r.split(",")[3] for r in a_rows[1:]]
+    assert val == [r.split(",")[3] for r in b_rows[1:]][-len(val):]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_then_resumes(tmp_path):
+    data = make_blobs(tmp_path / "data")
+    runs = tmp_path / "runs"
+    toml = write_toml(tmp_path / "c.toml", runs, steps=2000, every=60)
+    proc = subprocess.Popen(_cli(toml, data), env=_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    log = runs / "unet-nuclei" / "log.csv"
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped at step" in out
+    meta = json.loads((runs / "unet-nuclei" / "state" / "state.json").read_text())
+    assert 8 <= meta["step"] < 2000 and not (runs / "unet-nuclei" / "done.json").exists()
+    rows = status_rows(load_campaign(toml))
+    assert rows[0]["state"] == "started" and rows[0]["step"] == meta["step"]
+
+
+def test_status_on_a_tiny_queue(tmp_path, one_torch_thread):
+    data = make_blobs(tmp_path / "data")
+    runs = tmp_path / "runs"
+    toml = write_toml(tmp_path / "c.toml", runs, steps=4)
+    camp = load_campaign(toml)
+    rows = status_rows(camp)
+    assert [r["state"] for r in rows] == ["queued"]
+    train_run(camp.runs[0], camp, data_root=str(data), threads=1, precision="fp32", progress=False)
+    rows = status_rows(camp)
+    assert rows[0]["state"] == "done" and rows[0]["step"] == 4 and rows[0]["precision"] == "fp32"
+    assert rows[0]["epoch"] == "2.0/2.0" and 0 <= rows[0]["best_val_dice"] <= 1
+    text = format_status(rows)
+    for col in ("run", "epoch", "best_val_dice", "cpu_hours", "precision", "eta_hours", "host"):
+        assert col in text.splitlines()[0]
+    out = subprocess.run([sys.executable, "-m", "training", "campaign", "status", str(toml), "--json"],
+                         env=_env(), cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout)[0]["state"] == "done"
+
+
+def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch, one_torch_thread):
+    """No run folder, but shipped weights from this run: continue at their step, fresh optimizer."""
+    import training.campaign as campaign
+    import training.campaign_ship as ship
+
+    data = make_blobs(tmp_path / "data")
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(campaign, "shipped_folder", lambda e: weights / e.name)
+    monkeypatch.setattr(ship, "shipped_folder", lambda e: weights / e.name)
+    camp = load_campaign(write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=8))
+    entry = camp.runs[0]
+
+    class StopAt:
+        asked = False
+
+    stop = StopAt()
+    import napari_sdunet.train_loop as tl
+
+    real_fit = tl.fit
+
+    def fit_until_4(*args, **kwargs):
+        inner = kwargs["should_stop"]
+        kwargs["should_stop"] = lambda: inner() or (json.loads(
+            (camp.run_dir(entry) / "run.json").read_text()).get("step", 0) >= 4)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(tl, "fit", fit_until_4)
+    rec = train_run(entry, camp, data_root=str(data), threads=1, precision="fp32", stop=stop, progress=False)
+    monkeypatch.setattr(tl, "fit", real_fit)
+    assert not rec["finished"] and rec["step"] == 4
+    folder = ship.ship_run(entry, camp, data_root=str(data), partial=True, force=True)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["campaign"]["step"] == 4 and cfg["campaign"]["partial"] is True
+    assert (folder / "learning_curve.png").is_file() and "CPU-hours" in (folder / "README.md").read_text()
+    import shutil
+
+    shutil.rmtree(camp.run_dir(entry))  # "a new machine"
+    rec = train_run(entry, camp, data_root=str(data), threads=1, precision="fp32", progress=False)
+    log = (camp.run_dir(entry) / "log.txt").read_text()
+    assert "warm start from the shipped weights" in log and "fresh optimizer" in log
+    assert rec["finished"] and rec["step"] == 8
+    rows = (camp.run_dir(entry) / "log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [8]  # validations continue the step count
+
+
+def test_warm_start_maps_a_unet_onto_an_sdunet(tmp_path):
+    from napari_sdunet.checkpoint import save_checkpoint
+    from napari_sdunet.models import ResSDN, create_model
+    from training.runner import warm_start
+
+    unet = create_model("unet", "nuclei", base_filters=8)
+    folder = save_checkpoint(unet, tmp_path / "unet", task="nuclei")
+    sd = create_model("sdunet", "nuclei", base_filters=8, sdn_state=8)
+    info = warm_start(sd, str(folder), gate_bias=3.0)
+    assert info["copied"] == len(unet.state_dict()) and info["gates_opened"] > 0
+    own = sd.state_dict()
+    for k, v in unet.state_dict().items():
+        target = k if k in own else None
+        if target is None:  # the plain block's 2nd conv became the ResSDN's parallel conv
+            target = next(n for n in own if n.replace(".cnn.", ".") == k)
+        assert torch.equal(own[target], v), k
+    gate = next(m for m in sd.modules() if isinstance(m, ResSDN)).sdn.project_out
+    half = gate.out_channels // 2
+    assert torch.all(gate.bias[half:] == 3.0) and torch.all(gate.weight[half:] == 0)
+
+
+def test_precision_is_chosen_by_timing(one_torch_thread):
+    from napari_sdunet.batches import BatchSource
+    from napari_sdunet.models import create_model
+
+    ims = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    src = BatchSource(ims, (ims[:, :1] > 128).to(torch.uint8), 2)
+    choice = choose_precision(create_model("unet", "nuclei", base_filters=4), src, steps=1)
+    assert choice["precision"] in ("fp32", "bf16")
+    t = choice["step_seconds"]
+    assert choice["precision"] == ("bf16" if t["bf16"] < t["fp32"] else "fp32")
+
+
+def test_bad_campaign_files_give_clear_errors(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[recipe.a]\ntask = "nuclei"\n[[run]]\narch = "unet"\nrecipe = "b"\nsteps = 3\n')
+    with pytest.raises(CampaignError, match="recipe 'b' is not defined"):
+        load_campaign(p)
+    p.write_text('[recipe.a]\ntask = "nuclei"\nlr_typo = 1\n')
+    with pytest.raises(CampaignError, match="unknown keys"):
+        load_campaign(p)
+    p.write_text("not toml [")
+    with pytest.raises(CampaignError, match="cannot read"):
+        load_campaign(p)
+
+
+def test_the_committed_campaign_file_parses():
+    camp = load_campaign(REPO / "training" / "campaign.toml")
+    names = [r.name for r in camp.runs]
+    assert len(names) == 12 and len(set(names)) == 12
+    assert {(r.arch, r.task) for r in camp.runs} == {(a, t) for a in ("unet", "unetpp", "sdunet", "sdnunet")
+                                                     for t in ("nuclei", "polyps", "liver")}
+    # cheap baselines first, SD networks warm-started from them
+    first_sd = next(i for i, r in enumerate(camp.runs) if r.arch.startswith("sd"))
+    assert all(not r.arch.startswith("sd") for r in camp.runs[:first_sd])
+    assert all(r.init == "baseline" for r in camp.runs[first_sd:])

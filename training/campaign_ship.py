@@ -1,0 +1,243 @@
+"""Ship a campaign run as a package model (fp16 safetensors, config, card, learning curve).
+
+A run replaces the shipped model of its name only when its best weights validate better than the
+shipped ones on the run's own validation set (both measured here, the same way). The card states
+the data and split, recipe and augmentation, warm start, steps / epochs / CPU-hours / host /
+precision, validation Dice and test Dice (per image and the paper's batch-pooled), and links the
+learning curve. Test metrics are measured on the fp16 weights as the package loads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
+from napari_sdunet.train_loop import evaluate_dice
+
+from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder
+from .ship import DATA_TERMS, _fmt
+
+NATIVE_TERMS = ("2018 Data Science Bowl stage1_train (BBBC038), all 670 images at their own resolution (`nuclei/`); "
+                "80/10/10 random split (seed 42): 536 train / 67 val / 67 test")
+
+
+def _best_weights(entry: RunEntry, camp: Campaign, partial: bool) -> torch.nn.Module:
+    """The run's best model: its finished ``model/`` folder, or (partial) the best weights in its state."""
+    from safetensors.torch import load_file
+
+    from napari_sdunet.models import create_model
+
+    rd = camp.run_dir(entry)
+    if not partial:
+        model, _ = load_checkpoint(rd / "model")
+        return model
+    tensors = load_file(str(rd / "state" / "state.safetensors"))
+    model = create_model(entry.arch, entry.task, **entry.recipe.model)
+    model.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+    return model.eval()
+
+
+def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val) -> float:
+    """Mean per-image validation Dice of a model fed the way its config says (resized or at native size)."""
+    from .evaluate import predict_probs
+
+    size = config_prep.get("input_size")
+    if config_prep.get("mode") == "tiles" or size is None:
+        return evaluate_dice(model, val, batch_size=8)
+    probs = predict_probs(model, val.images, size)
+    from napari_sdunet.losses import hard_dice
+
+    return float(hard_dice(probs, val.masks.float()).mean())
+
+
+def native_test(model_folder: Path, task: str, source: str, data_root: str | None, limit: int | None,
+                split: str = "test") -> dict[str, Any]:
+    """Per-image metrics on a 2-D split at its own resolution, through the plugin's inference path."""
+    from napari_sdunet.inference import load_model, predict
+    from napari_sdunet.metrics import summarize
+
+    from .datasets import load_native
+
+    images, masks, ids = load_native(task, split, source=source, data_root=data_root, limit=limit)
+    loaded = load_model(model_folder, "cpu")
+    preds, refs = [], []
+    for im, mk in zip(images, masks):
+        prob = predict(loaded, np.moveaxis(im.numpy(), 0, -1), "YXC")
+        preds.append(prob >= 0.5)
+        refs.append(mk[0].numpy() > 0)
+    res: dict[str, Any] = summarize(preds, refs, paper_batch_size=20)
+    res.update(source=source, scored_at="native resolution", inference=loaded.preprocessing.get("mode", "resize"))
+    return res
+
+
+def test_metrics(model_folder: Path, entry: RunEntry, data_root: str | None, limit: int | None) -> dict[str, Any]:
+    """The card's test numbers (the test split is never used to select or tune anything)."""
+    from .runner import test_model
+
+    r = entry.recipe
+    if r.native:
+        out = {"native": native_test(model_folder, r.task, r.source or "nuclei", data_root, limit)}
+        if r.task == "nuclei":  # the paper's protocol (96x96 images), for Table 2, where that set is at hand
+            from .datasets import DataError
+
+            try:
+                out["nuclei_96"] = native_test(model_folder, r.task, "nuclei_96", data_root, limit)
+            except DataError:
+                pass
+        return out
+    model, config = load_checkpoint(model_folder)
+    prep = config["preprocessing"]
+    return {"preset": test_model(model, r.task, prep["input_size"], data_root, None if r.task == "liver" else
+                                 r.source, False, limit, prep.get("ct_window"))}
+
+
+def learning_curve(run_dir: Path, out: Path, title: str) -> Path | None:
+    """PNG of training loss and validation Dice against step, from the run's log.csv."""
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(step, [float(r["val_dice"]) for r in rows], "o-", ms=3, label="validation Dice")
+    ax.plot(step, [float(r["loss"]) for r in rows], "s-", ms=3, label="training loss (mean since last val)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _metric_lines(task: str, tests: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, m in tests.items():
+        if task == "liver" and key == "preset":
+            lines.append(f"- per-volume 3-D Dice on {m['n_volumes']} HU volumes of 3D-IRCADb-01 (window "
+                         f"{m['ct_window']} HU): **{_fmt(m['dice_3d'])} ± {_fmt(m['dice_3d_sd'])}**")
+            lines += [f"  - {v['id']}: {_fmt(v['dice_3d'])}" for v in m["volumes"]]
+            s = m["slices_2d"]
+            lines.append(f"- per-slice Dice {_fmt(s['dice'])}, batch-pooled Dice (paper) {_fmt(s['paper_batch_dice'])}")
+            continue
+        where = {"native": f"`{m.get('source')}/` test split at native resolution ({m.get('inference')} inference)",
+                 "nuclei_96": "`nuclei_96/` test split (the paper's 96x96 protocol)",
+                 "preset": f"test split, scored at {m.get('eval_size')}"}[key]
+        lines.append(f"- {where}: per-image Dice **{_fmt(m['dice'])} ± {_fmt(m['dice_sd'])}**, Jaccard "
+                     f"{_fmt(m['jaccard'])}, global Dice {_fmt(m['global_dice'])}, batch-pooled Dice (paper, "
+                     f"batches of 20) {_fmt(m['paper_batch_dice'])} ({m['n']} images)")
+    return lines
+
+
+def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_dice: float,
+               old_val: float | None, partial: bool) -> str:
+    r = entry.recipe
+    data, terms = DATA_TERMS[r.task]
+    if r.native:
+        data = NATIVE_TERMS
+    warm = rec.get("warm_start")
+    warm_txt = "none (random init)"
+    if warm:
+        warm_txt = (f"{warm['source']} ({warm['copied']}/{warm['total']} tensors copied where name and shape "
+                    f"match; {warm['gates_opened']} ResSDN gates opened towards the copied conv)")
+    aug = ", ".join(f"{k}={v}" for k, v in r.augment.items()) or "none"
+    spe = rec.get("steps_per_epoch") or 1
+    lines = [
+        f"# {entry.name}", "",
+        f"{entry.arch} for {r.task} segmentation (napari-sdunet), trained by the CPU training campaign "
+        f"(`training/campaign.toml`, run `{entry.name}`, recipe `{r.name}`)"
+        + (" -- **best weights so far of an unfinished run**" if partial else "") + ".", "",
+        "## Data", f"- {data}", f"- Terms: {terms}", "",
+        "## Inference",
+        (f"- native pixel size, overlapping {r.tile_size[0]}x{r.tile_size[1]} tiles (overlap {r.tile_overlap}) "
+         "blended at the seams; the widget's / CLI's scale setting resizes the image first"
+         if r.native else f"- frames resized to {rec['preprocessing']['input_size']} (HxW)"),
+        "",
+        "## Recipe",
+        f"- loss 0.5 BCE + (1 - soft Dice); {r.optimizer} lr {r.lr:g} (weight decay {r.weight_decay:g}), "
+        f"{r.warmup_steps} warm-up steps then cosine to {r.min_lr_factor:g} x lr over {entry.steps} steps; "
+        f"batch {r.batch_size}" + (f", random {r.patch[0]}x{r.patch[1]} patches" if r.patch else "")
+        + f"; validation every {r.val_every} steps, best kept, patience {r.patience}",
+        f"- augmentation (image and mask alike; intensity on the image): {aug}",
+        f"- warm start: {warm_txt}",
+        f"- trained {rec['step']} steps ({rec['step'] / spe:.1f} epochs of {spe} steps), {rec['cpu_hours']:.2f} "
+        f"CPU-hours, on {rec['host']} with {rec['threads']} threads, {rec['precision']} "
+        "(chosen by timing steps at start) + channels_last",
+        "",
+        "## Validation", f"- best validation Dice (per image, mean) {_fmt(val_dice)} at step {rec['best_step']}"
+        + (f"; the model it replaced: {_fmt(old_val)}" if old_val is not None else ""),
+        "- learning curve: ![learning curve](learning_curve.png)", "",
+        "## Test metrics (fp16 weights as shipped; the test split was never used for selection)",
+        *_metric_lines(r.task, tests), "",
+        "## Reproduce",
+        f"- `python -m training campaign run training/campaign.toml --only {entry.name}`",
+        f"- `python -m training campaign ship training/campaign.toml {entry.name}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, partial: bool = False,
+             limit: int | None = None, force: bool = False, dest: Path | None = None) -> Path | None:
+    """Write the run's best weights into the package when they validate better (``force``: always)."""
+    rd = camp.run_dir(entry)
+    rec = json.loads((rd / ("run.json" if partial else "done.json")).read_text())
+    if partial and (rd / "state" / "state.json").is_file():
+        meta = json.loads((rd / "state" / "state.json").read_text())
+        rec.update(step=meta["step"], best_val_dice=meta["best_dice"], best_step=meta["best_step"],
+                   cpu_hours=round(meta.get("cpu_seconds", 0.0) / 3600, 4))
+    _, val, prep = build_data(entry, data_root, limit)
+    model = _best_weights(entry, camp, partial)
+    new_val = val_dice_of(model, prep, val)
+    target = (dest / entry.name) if dest else shipped_folder(entry)
+    old_val = None
+    if (target / "config.json").is_file():
+        old, old_cfg = load_checkpoint(target)
+        old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val)
+    if old_val is not None and new_val <= old_val and not force:
+        log(rd, f"not shipped: validation Dice {new_val:.4f} <= shipped {old_val:.4f}")
+        return None
+    tmp_target = target.with_name(target.name + ".new")
+    folder = save_checkpoint(model, tmp_target, task=entry.task, preprocessing=prep, half=True)
+    tests = test_metrics(folder, entry, data_root, limit)
+    crec = campaign_record(dict(rec, name=entry.name))
+    crec.update(val_dice_shipped=new_val, partial=partial)
+    card = model_card(entry, rec, tests, new_val, old_val, partial)
+    shipped, _ = load_checkpoint(folder)
+    primary = "native" if "native" in tests else "preset"
+    others = {k: v for k, v in tests.items() if k != primary}
+    folder = save_checkpoint(shipped, target, task=entry.task, preprocessing=prep, half=True,
+                             extra={"name": entry.name, "campaign": crec,
+                                    "metrics": dict(tests[primary], protocol=primary,
+                                                    measured_on="shipped fp16 weights"),
+                                    "metrics_other": others,
+                                    "command": f"python -m training campaign run {camp.path.as_posix()} "
+                                               f"--only {entry.name}"}, card=card)
+    learning_curve(rd, folder / "learning_curve.png", f"{entry.name} ({entry.recipe.name})")
+    import shutil
+
+    shutil.rmtree(tmp_target, ignore_errors=True)
+    log(rd, f"shipped to {folder}: validation Dice {new_val:.4f} (was {old_val}); tests {json.dumps(_short(tests))}")
+    return folder
+
+
+def _short(tests: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, m in tests.items():
+        out[k] = round(float(m.get("dice", m.get("dice_3d", float("nan")))), 4)
+    return out
