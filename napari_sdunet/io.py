@@ -206,9 +206,10 @@ def orientation_of(affine: np.ndarray | None) -> tuple[str, ...] | None:
     if aff.shape != (4, 4) or not np.isfinite(aff).all():
         return None
     try:
-        return tuple(nib.aff2axcodes(aff))
+        codes = tuple(nib.aff2axcodes(aff))
     except Exception:  # a singular affine: no orientation to speak of
         return None
+    return codes if all(isinstance(c, str) for c in codes) else None
 
 
 def reorient(data: np.ndarray, affine: np.ndarray | None, target: tuple[str, ...] = TRAINING_ORIENTATION,

@@ -11,13 +11,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .errors import InputError
+
 
 def confusion(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int, int]:
     """(TP, FP, FN, TN) pixel counts of two boolean masks of the same shape."""
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+        raise InputError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     tp = int(np.count_nonzero(pred & ref))
     fp = int(np.count_nonzero(pred & ~ref))
     fn = int(np.count_nonzero(~pred & ref))
@@ -86,7 +88,7 @@ def summarize(preds: Iterable[np.ndarray], refs: Iterable[np.ndarray],
             flush()
     flush()
     if not per_dice:
-        raise ValueError("no images to score")
+        raise InputError("no images to score")
     g = scores(*tot.tolist())
     return {
         "n": len(per_dice),
