@@ -72,15 +72,20 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from napari_sdunet.zoo import load_pretrained
+    from napari_sdunet.zoo import load_pretrained, resolve_model
 
     from .runner import test_model
 
     model, config = load_pretrained(a.model)
     task = a.task or config.get("task")
-    size = config.get("preprocessing", {}).get("input_size") or TASKS[task]["preprocessing"]["input_size"]
-    res = test_model(model, task, size, a.data_root, a.source, a.flip_tta, a.limit_test,
-                     config.get("preprocessing", {}).get("ct_window"))
+    prep = config.get("preprocessing", {})
+    if prep.get("mode") == "tiles":  # a native-resolution model: score whole images through the plugin's path
+        from .campaign_ship import native_test
+
+        res = native_test(resolve_model(a.model), task, a.source or "nuclei", a.data_root, a.limit_test)
+    else:
+        size = prep.get("input_size") or TASKS[task]["preprocessing"]["input_size"]
+        res = test_model(model, task, size, a.data_root, a.source, a.flip_tta, a.limit_test, prep.get("ct_window"))
     text = json.dumps(res, indent=2)
     if a.json:
         Path(a.json).write_text(text + "\n")

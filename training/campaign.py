@@ -524,9 +524,14 @@ def status_rows(camp: Campaign) -> list[dict[str, Any]]:
     return rows
 
 
-def format_status(rows: list[dict[str, Any]]) -> str:
+def format_status(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The status table as aligned text, or as a markdown table (for training/CAMPAIGN.md)."""
     cols = ["run", "state", "step", "epoch", "best_val_dice", "cpu_hours", "precision", "eta_hours", "host"]
     table = [cols] + [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in table]
+        lines.insert(1, "|" + "---|" * len(cols))
+        return "\n".join(lines)
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -560,12 +565,13 @@ def main(argv: list[str]) -> int:
             p.add_argument("--limit", type=int, help="at most this many test images (smoke tests)")
         if name == "status":
             p.add_argument("--json", action="store_true")
+            p.add_argument("--markdown", action="store_true", help="a markdown table (training/CAMPAIGN.md)")
     a = ap.parse_args(argv)
     try:
         camp = load_campaign(a.file, a.runs_dir)
         if a.cmd == "status":
             rows = status_rows(camp)
-            print(json.dumps(rows, indent=2) if a.json else format_status(rows))
+            print(json.dumps(rows, indent=2) if a.json else format_status(rows, markdown=a.markdown))
             return 0
         if a.cmd == "ship":
             from .campaign_ship import ship_run
