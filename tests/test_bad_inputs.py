@@ -553,6 +553,16 @@ def test_broken_files_raise_input_errors(tmp_path, name):
         layer_data(str(tmp_path / name))
 
 
+def test_files_too_large_for_memory_are_refused_before_decoding(tmp_path, monkeypatch):
+    io.write_image(tmp_path / "a.png", np.zeros((64, 64, 3), np.uint8))
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((4, 64, 64), np.uint16), photometric="minisblack")
+    io.write_nifti(tmp_path / "a.nii.gz", np.zeros((4, 64, 64), np.int16))
+    monkeypatch.setattr(io, "MAX_BYTES", 1000)
+    for name in ("a.png", "a.tif", "a.nii.gz"):
+        with pytest.raises(InputError, match="GiB of memory"):
+            io.read_image(tmp_path / name)
+
+
 def test_mask_shape_mismatch_is_skipped_with_a_reason(cli_data, capsys):
     root, model, images, masks = cli_data
     io.write_image(images / "b.png", np.zeros((24, 24, 3), np.uint8))

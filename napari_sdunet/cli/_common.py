@@ -93,6 +93,9 @@ def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -
     from ..io import reorient
 
     axes = (args.axes or vol.axes or default_axes(vol.data.shape)).upper()
+    if not axes:
+        raise InputError(f"{name}: cannot tell the axes of an array of shape {tuple(vol.data.shape)}; "
+                         "give them with --axes (YX, YXC, ZYX, TYX, TYXC)")
     if axes == "TZYX":
         raise InputError(f"{name}: 4-D NIfTI (time series of volumes) is not supported")
     data, back = vol.data, (lambda a: a)
