@@ -1,8 +1,11 @@
 """``python -m napari_sdunet.demo``: napari with the Segment and Compare widgets docked and a sample loaded.
 
-``--sample nuclei|polyps|ct`` picks the sample; ``--model`` preselects a model (name or checkpoint
-folder); ``--segment`` runs it once the window is up. ``--screenshot PATH --quit`` saves a
-screenshot of the whole window and exits (headless use; with ``--segment`` it waits for the result).
+The widgets are docked from the plugin's manifest, as *Plugins > SDU-Net segmentation* does, and the
+Segment widget preselects the model that suits the sample (see ``napari_sdunet.widgets._preselect``).
+``--sample nuclei|polyps|ct`` picks the sample (default nuclei, where the shipped models do well);
+``--model`` chooses another model (name or checkpoint folder); ``--segment`` presses Segment once the
+window is up and then Compare (prediction against the sample's labels). ``--screenshot PATH --quit``
+saves a screenshot of the whole window and exits (headless use; with ``--segment`` it waits for the result).
 """
 
 from __future__ import annotations
@@ -11,38 +14,40 @@ import argparse
 import sys
 from pathlib import Path
 
-SAMPLE_FOR_TASK = {"nuclei": "nuclei", "polyps": "polyps", "liver": "ct"}
+DEFAULT_SAMPLE = "nuclei"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m napari_sdunet.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--sample", choices=["nuclei", "polyps", "ct"], default="polyps",
-                   help="sample image to load (default polyps)")
-    p.add_argument("--model", default=None, help="model name or checkpoint folder to preselect")
-    p.add_argument("--segment", action="store_true", help="press Segment (needs a model) and then Compare")
+    p.add_argument("--sample", choices=["nuclei", "polyps", "ct"], default=DEFAULT_SAMPLE,
+                   help=f"sample image to load (default {DEFAULT_SAMPLE})")
+    p.add_argument("--model", default=None,
+                   help="model name or checkpoint folder (default: the one the Segment widget preselects)")
+    p.add_argument("--segment", action="store_true", help="press Segment, then Compare with the sample's labels")
     p.add_argument("--screenshot", metavar="PATH", default=None, help="save a window screenshot (PNG)")
     p.add_argument("--quit", action="store_true", help="exit after loading (and the screenshot)")
     p.add_argument("--size", type=int, nargs=2, default=(1400, 900), metavar=("W", "H"), help="window size")
     return p
 
 
-def pick_model(widget, wanted: str | None, sample: str) -> None:
-    """Preselect ``wanted``; else the first listed model trained for the sample's task, if any."""
-    if wanted:
-        path = Path(wanted).expanduser()
-        if path.is_dir():
-            widget.models.add_folder(path)
-        else:
-            refs = [ref for _, ref in widget.models.listed()]
-            if wanted not in refs:
-                raise SystemExit(f"model {wanted!r} not found; available: {', '.join(refs) or 'none'}")
-            widget.models.combo.value = wanted
+def pick_model(widget, wanted: str | None) -> None:
+    """Choose ``wanted`` (a name or a checkpoint folder) as if by hand; None keeps the preselection."""
+    if not wanted:
         return
-    task = {v: k for k, v in SAMPLE_FOR_TASK.items()}[sample]
-    for _, ref in widget.models.listed():
-        if ref and Path(str(ref)).name.endswith(task):
-            widget.models.combo.value = ref
-            return
+    path = Path(wanted).expanduser()
+    if path.is_dir():
+        widget.models.add_folder(path)
+        return
+    refs = [ref for _, ref in widget.models.listed()]
+    if wanted not in refs:
+        raise SystemExit(f"model {wanted!r} not found; available: {', '.join(refs) or 'none'}")
+    widget.models.combo.value = wanted  # counts as the user's choice
+
+
+def dock(viewer, name: str):
+    """Dock a napari-sdunet widget the way Plugins > SDU-Net segmentation does; returns the widget."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sdunet", name)
+    return widget
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,25 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     import napari
     from qtpy.QtCore import QTimer
 
-    from ._sample_data import load_sample
-    from .widgets import CompareWidget, SegmentWidget
-
     viewer = napari.Viewer(title=f"napari-sdunet: {args.sample} sample")
     viewer.window.resize(*args.size)
-    for data, kwargs, kind in load_sample(args.sample):
-        getattr(viewer, f"add_{kind}")(data, **kwargs)
-    segment = SegmentWidget(viewer)
-    compare = CompareWidget(viewer)
-    viewer.window.add_dock_widget(segment, name="Segment (napari-sdunet)", area="right")
-    viewer.window.add_dock_widget(compare, name="Compare (napari-sdunet)", area="right")
+    viewer.open_sample("napari-sdunet", args.sample)  # File > Open Sample
+    segment = dock(viewer, "Segment")
+    compare = dock(viewer, "Compare")
     viewer.reset_view()
-    image_layers = [layer for layer in viewer.layers if layer.__class__.__name__ == "Image"]
-    if image_layers:
-        segment.image.value = image_layers[0]
-    pick_model(segment, args.model, args.sample)
-    if args.sample == "ct":
-        segment.modality.value = "ct"
-        viewer.dims.set_point(0, viewer.dims.range[0].start + 15 * viewer.dims.range[0].step)
+    pick_model(segment, args.model)
+    if segment.image.value is not None and segment.image.value.ndim == 3 and not segment.image.value.rgb:
+        viewer.dims.set_point(0, viewer.dims.range[0].start + (viewer.dims.nsteps[0] // 2) * viewer.dims.range[0].step)
+    print(f"model: {segment.models.model} ({segment.models.why.value})", flush=True)
 
     def finish() -> None:
         viewer.reset_view()
@@ -86,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     def after_segment(_result=None) -> None:
         if segment.runner.status.value.startswith("done"):
             compare._default_choice()
-            compare.compare()
+            if compare.compare():
+                print(f"Compare: {compare.summary.value}", flush=True)
         QTimer.singleShot(300, finish)
 
     if args.segment:
         if segment.models.model is None:
-            print("--segment needs a model: pass --model NAME_OR_FOLDER", file=sys.stderr)
+            print("--segment needs a model: none is shipped; pass --model NAME_OR_FOLDER", file=sys.stderr)
             return 2
         worker = segment.run()
         if worker is None:

@@ -28,11 +28,19 @@ if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
 
     from .train_loop import Progress
 
-#: Defaults chosen by measurement (docs/finetune.md): a real gain on ~10 frames in minutes on a CPU.
-DEFAULT_STEPS = 40
+#: Defaults chosen by measurement (docs/finetune.md): a real gain on ~10 frames within five minutes on a
+#: 2-core CPU. The run ends at the first of: ``DEFAULT_STEPS`` steps, the time budget (the whole call,
+#: reading the frames to saving), or ``DEFAULT_PATIENCE`` validations in a row without a better
+#: held-out Dice. The best held-out weights are kept.
+DEFAULT_STEPS = 400
+DEFAULT_TIME_BUDGET_S = 240.0
+DEFAULT_PATIENCE = 8
 DEFAULT_LR = 3e-4
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_VAL_FRACTION = 0.2
+#: share of the base model's weights in the saved model: w = b·w_base + (1 - b)·w_finetuned
+#: (weight-space ensembling, "WiSE-FT"): keeps what the base knew about other images
+DEFAULT_BASE_WEIGHT = 0.0
 TRAINABLE = ("all", "decoder")
 
 
@@ -181,6 +189,8 @@ class FinetuneResult:
     total_seconds: float  # incl. data preparation, Dice before/after and saving
     cancelled: bool
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_by: str = ""  # "steps", "time budget", "no better held-out Dice (patience)" or "cancelled"
+    best_step: int = 0  # the step whose weights were kept (best held-out Dice)
 
 
 def _as_items(data: Any) -> list[LabelledImage]:
@@ -202,6 +212,36 @@ def _as_items(data: Any) -> list[LabelledImage]:
     return items
 
 
+def _check_writable(output: Path) -> None:
+    """Fail now, not after training, when ``output`` cannot be written: its nearest existing folder
+    must take a new file (tried for real: permissions, read-only file systems, a file in the way). The
+    model is built beside ``output`` and swapped in, so it is ``output``'s parent that must be writable."""
+    import tempfile
+
+    probe = output.parent
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise FinetuneError(f"cannot write the model to {output}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".napari-sdunet-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise FinetuneError(f"cannot write the model to {output}: {probe} is not writable "
+                            f"({e.strerror or e}); choose another folder") from e
+
+
+def fit_schedule(n_train: int, batch_size: int, epochs: int | None, steps: int | None) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` that :func:`napari_sdunet.train_loop.fit` runs for ``n_train``
+    frames: its loader drops the last partial batch when there is more than one batch."""
+    per_epoch = max(1, n_train // batch_size if n_train > batch_size else 1)
+    total = min(steps if steps is not None else 10**9, (epochs if epochs is not None else 10**9) * per_epoch)
+    return per_epoch, total
+
+
 def _check_output(output: Path, overwrite: bool) -> None:
     from .checkpoint import CONFIG
     from .zoo import PACKAGE_WEIGHTS
@@ -218,6 +258,7 @@ def _check_output(output: Path, overwrite: bool) -> None:
         if (out / CONFIG).is_file() and not overwrite:
             raise FinetuneError(f"{output} already holds a model; pass overwrite=True (CLI: --overwrite) "
                                 "to replace it, or choose another name")
+    _check_writable(out)
 
 
 def model_card(name: str, base: str, info: dict[str, Any], task: str | None) -> str:
@@ -238,7 +279,8 @@ def model_card(name: str, base: str, info: dict[str, Any], task: str | None) -> 
         "",
         "## Settings",
         "",
-        f"- steps: {info['steps']} (batch {info['batch_size']}), learning rate {info['lr']:g}, "
+        f"- steps: {info['steps']} (batch {info['batch_size']}; stopped by {info['stopped_by']}; weights of step "
+        f"{info['best_step']} kept), learning rate {info['lr']:g}, "
         f"trained: {info['trainable']}, augmentation: {'flips/rotations/intensity' if info['augment'] else 'none'}",
         f"- device: {info['device']}, training time: {info['seconds']:.1f} s",
         "",
@@ -304,6 +346,20 @@ def unfreeze_batchnorm(changed: list[tuple[torch.nn.Module, type]]) -> None:
         m.__class__ = cls
 
 
+def _mix_in_base(net: torch.nn.Module, base_folder: Path, base_weight: float) -> None:
+    """``net``'s floating-point weights become ``b·base + (1 - b)·net`` (BatchNorm statistics included)."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+
+    base, _ = load_checkpoint(base_folder, device="cpu")
+    ref = base.state_dict()
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.is_floating_point() and k in ref:
+                v.mul_(1.0 - base_weight).add_(ref[k].to(v.device, v.dtype), alpha=base_weight)
+
+
 def _free(device: torch.device) -> None:
     import gc
 
@@ -325,6 +381,9 @@ def finetune(
     *,
     steps: int | None = DEFAULT_STEPS,
     epochs: int | None = None,
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
+    patience: int | None = DEFAULT_PATIENCE,
+    base_weight: float = DEFAULT_BASE_WEIGHT,
     lr: float = DEFAULT_LR,
     batch_size: int = DEFAULT_BATCH_SIZE,
     trainable: str = "all",
@@ -346,8 +405,12 @@ def finetune(
     ``data``: :class:`LabelledImage` objects, ``(image, mask)`` array pairs, or one
     ``(images_dir, masks_dir)`` folder pair. Validation frames are ``val_data`` when given, else a
     ``val_fraction`` of the labelled frames: the last ones (``val_split="end"``) or a random choice.
-    ``steps`` caps the optimiser steps, ``epochs`` the passes over the training frames (either may
-    be None). ``freeze_bn`` keeps the base model's BatchNorm statistics (recommended for a few
+    ``steps`` caps the optimiser steps, ``epochs`` the passes over the training frames, and
+    ``time_budget_s`` the whole call (reading the frames to saving: training stops early enough to
+    measure and save within it); any of them may be None, not all. ``patience`` stops after that many
+    validations in a row without a better held-out Dice (None: never). ``base_weight`` mixes the base
+    model's weights back in (0: the fine-tuned weights as trained; 0.5: halfway).
+    ``freeze_bn`` keeps the base model's BatchNorm statistics (recommended for a few
     frames). ``on_progress`` gets the training loop's :class:`~napari_sdunet.train_loop.Progress`
     reports, starting with a ``"val"`` report at step 0 that holds the Dice before fine-tuning.
     When ``should_stop()`` turns true the run ends without writing anything and the result has
@@ -363,10 +426,16 @@ def finetune(
     status = on_status or (lambda s: None)
     if trainable not in TRAINABLE:
         raise FinetuneError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
-    if steps is None and epochs is None:
-        raise FinetuneError("give steps or epochs (or both)")
+    if steps is None and epochs is None and time_budget_s is None:
+        raise FinetuneError("give steps or epochs or a time budget (or several)")
     if steps is not None and steps < 1 or epochs is not None and epochs < 1:
         raise FinetuneError("steps and epochs must be >= 1")
+    if time_budget_s is not None and not (time_budget_s > 0 and math.isfinite(time_budget_s)):
+        raise FinetuneError(f"the time budget must be a positive number of seconds, got {time_budget_s}")
+    if patience is not None and patience < 1:
+        raise FinetuneError("patience must be >= 1 (or None)")
+    if not 0.0 <= base_weight < 1.0:
+        raise FinetuneError(f"base_weight must be in [0, 1), got {base_weight}")
     if not (lr > 0 and math.isfinite(lr)):
         raise FinetuneError(f"the learning rate must be a positive number, got {lr}")
     if batch_size < 1:
@@ -408,27 +477,50 @@ def finetune(
         status(f"measuring Dice before fine-tuning on {len(measure_set)} {dice_on} frame(s)")
         net.to(dev)
         eval_bs = max(1, min(8, batch_size * 2))
+        t_eval = time.perf_counter()
         dice_before = evaluate_dice(net, measure_set, eval_bs, dev)
-        n_total = steps if steps is not None else epochs * max(1, math.ceil(len(train_set) / batch_size))
-        if on_progress is not None:
-            on_progress(Progress("val", 0, n_total, 0, val_dice=dice_before, best_val_dice=dice_before))
+        t_eval = time.perf_counter() - t_eval
 
-        steps_per_epoch = max(1, len(train_set) // batch_size if len(train_set) > batch_size else 1)
-        total = min(steps or 10**9, (epochs or 10**9) * steps_per_epoch)
-        val_every = max(1, min(steps_per_epoch, math.ceil(total / 20))) if val_set is not None else 0
-        cfg = FitConfig(epochs=epochs or math.ceil(total / steps_per_epoch), max_steps=steps, lr=lr,
-                        batch_size=batch_size, val_every=val_every or steps_per_epoch, patience=None,
-                        seed=seed, trainable=trainable)
-        status(f"fine-tuning for {total} steps on {dev}")
+        # the schedule fit runs (its loader drops a last partial batch): the reported total is fit's own
+        steps_per_epoch, total = fit_schedule(len(train_set), batch_size, epochs, steps)
+        fit_epochs = epochs if epochs is not None else math.ceil(total / steps_per_epoch)
+        fit_steps = steps if steps is not None else (total if epochs is None else None)
+        if on_progress is not None:
+            on_progress(Progress("val", 0, total, 0, val_dice=dice_before, best_val_dice=dice_before))
+        val_every = max(1, min(steps_per_epoch, math.ceil(min(total, DEFAULT_STEPS) / 20)))
+        cfg = FitConfig(epochs=fit_epochs, max_steps=fit_steps, lr=lr, batch_size=batch_size,
+                        val_every=val_every if val_set is not None else steps_per_epoch,
+                        patience=patience if val_set is not None else None,
+                        seed=seed, trainable=trainable, validate_on_stop=True)
+
+        # the time budget covers the whole call: stop training early enough to measure again (as long
+        # as the Dice before took) and save
+        deadline = math.inf
+        if time_budget_s is not None:
+            deadline = t_start + time_budget_s - t_eval - 1.0
+        user_stopped = {"flag": False}
+
+        def stop() -> bool:
+            if should_stop is not None and should_stop():
+                user_stopped["flag"] = True
+                return True
+            return time.perf_counter() >= deadline
+
+        limits = [f"{total} steps" if total < 10**9 else None,
+                  f"{time_budget_s:.0f} s in all" if time_budget_s is not None else None]
+        status(f"fine-tuning on {dev} for at most {' or '.join(x for x in limits if x)}")
         frozen = freeze_batchnorm_stats(net) if freeze_bn else []
         try:
             fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
-                          on_progress=on_progress, should_stop=should_stop)
+                          on_progress=on_progress, should_stop=stop)
         finally:
             unfreeze_batchnorm(frozen)
-        if fit_res.cancelled:
+        if fit_res.cancelled and user_stopped["flag"]:
             return FinetuneResult(None, dice_before, math.nan, dice_on, len(train_frames), len(val_frames),
-                                  fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, True, fit_res.history)
+                                  fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, True, fit_res.history,
+                                  "cancelled", fit_res.best_step)
+        if base_weight > 0:
+            _mix_in_base(net, base_folder, base_weight)
         status("measuring Dice after fine-tuning")
         net.to(dev)
         dice_after = evaluate_dice(net, measure_set, eval_bs, dev)
@@ -446,6 +538,12 @@ def finetune(
             "val_frames": [f"{f.source}[{f.index}]" for f in val_frames],
             "val_split": "given" if val_items else val_split,
             "steps": fit_res.steps,
+            "stopped_by": ("time budget" if fit_res.cancelled else "no better held-out Dice (patience)"
+                           if fit_res.stopped_early else "steps"),
+            "time_budget_s": time_budget_s,
+            "patience": patience,
+            "base_weight": base_weight,
+            "best_step": fit_res.best_step,
             "lr": lr,
             "batch_size": batch_size,
             "trainable": trainable,
@@ -465,7 +563,8 @@ def finetune(
         path = save_checkpoint(net, output, task=config.get("task"), preprocessing=config.get("preprocessing"),
                                extra={"finetune": info}, card=card)
         return FinetuneResult(path, dice_before, dice_after, dice_on, len(train_frames), len(val_frames),
-                              fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, False, fit_res.history)
+                              fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, False, fit_res.history,
+                              info["stopped_by"], fit_res.best_step)
     finally:  # free the accelerator's memory whatever happened
         net.to("cpu")
         del net

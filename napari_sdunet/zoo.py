@@ -59,3 +59,77 @@ def resolve_model(name_or_folder: str | os.PathLike) -> Path:
 def load_pretrained(name: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a shipped or user model by name (or a checkpoint folder): ``(model, config)``."""
     return load_checkpoint(resolve_model(name), device=device)
+
+
+# ----------------------------------------------------------------------------- what each model is good for
+
+#: metric keys of ``config.json`` → ``metrics``, in order of preference, with how to name them.
+_TEST_METRICS = (("dice", "test Dice"), ("dice_3d", "test 3-D Dice"))
+
+
+def model_summary(config: dict[str, Any]) -> dict[str, Any]:
+    """What a model's ``config.json`` says about it: ``task``, ``arch``, the test Dice (``test_dice``,
+    ``test_metric``), the best validation Dice of its training (``val_dice``), and for a fine-tuned
+    model its held-out Dice after fine-tuning (``finetuned_dice``). Missing values are None; nothing
+    is ever assumed from the model's name."""
+    metrics = config.get("metrics") or {}
+    test_dice = test_metric = None
+    for key, label in _TEST_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)):
+            test_dice, test_metric = float(value), label
+            break
+    fit = (config.get("training") or {}).get("fit") or {}
+    val = fit.get("best_val_dice")
+    ft = config.get("finetune") or {}
+    ft_dice = ft.get("dice_after")
+    return {
+        "task": config.get("task"),
+        "arch": config.get("arch"),
+        "test_dice": test_dice,
+        "test_metric": test_metric,
+        "val_dice": float(val) if isinstance(val, (int, float)) else None,
+        "finetuned_dice": float(ft_dice) if isinstance(ft_dice, (int, float)) else None,
+        "finetuned_from": ft.get("base_model"),
+    }
+
+
+def summary_of(name_or_folder: str | os.PathLike) -> dict[str, Any]:
+    """:func:`model_summary` of a model name or folder (an unreadable config gives an empty summary)."""
+    from .checkpoint import read_config
+
+    try:
+        return model_summary(read_config(resolve_model(name_or_folder)))
+    except (CheckpointError, OSError, ValueError):
+        return model_summary({})
+
+
+def describe(name: str, summary: dict[str, Any], origin: str) -> str:
+    """A model's label in the widgets: name, task and the Dice its config records, e.g.
+    ``sdunet-polyps: polyps, test Dice 0.454 (shipped)``."""
+    parts = [summary.get("task") or "task unknown"]
+    if summary.get("finetuned_dice") is not None:
+        parts.append(f"fine-tuned, held-out Dice {summary['finetuned_dice']:.3f}")
+    elif summary.get("test_dice") is not None:
+        parts.append(f"{summary['test_metric']} {summary['test_dice']:.3f}")
+    else:
+        parts.append("no test Dice recorded")
+    return f"{name}: {', '.join(parts)} ({origin})"
+
+
+def best_shipped_for_task(task: str) -> str | None:
+    """The shipped model for ``task`` with the best validation Dice recorded in its ``config.json``
+    (``training`` → ``fit`` → ``best_val_dice``; models without one rank after those with one, then by
+    their recorded test Dice); None when no shipped model is trained for ``task``."""
+    ranked = []
+    for name in list_pretrained():
+        s = summary_of(name)
+        if s["task"] != task:
+            continue
+        val = s["val_dice"] if s["val_dice"] is not None else -1.0
+        test = s["test_dice"] if s["test_dice"] is not None else -1.0
+        ranked.append((val, test, name))
+    if not ranked:
+        return None
+    ranked.sort(key=lambda r: (-r[0], -r[1], r[2]))
+    return ranked[0][2]

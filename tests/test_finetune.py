@@ -90,7 +90,7 @@ def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, pretrai
     base_model = pretrained_base
     images, masks = _folders(tmp_path, _nuclei_256(8))
     seen = []
-    res = finetune(base_model, (images, masks), tmp_path / "tuned", steps=40, lr=3e-3, batch_size=4,
+    res = finetune(base_model, (images, masks), tmp_path / "tuned", steps=40, patience=None, lr=3e-3, batch_size=4,
                    val_fraction=0.25, device="cpu", on_progress=seen.append)
     assert not res.cancelled and res.path == tmp_path / "tuned"
     assert (res.n_train, res.n_val, res.dice_on) == (6, 2, "validation")
@@ -286,4 +286,62 @@ def test_epochs_instead_of_steps(tmp_path, base_model):
                    device="cpu")
     assert res.steps == 9 and read_config(res.path)["finetune"]["steps"] == 9  # 3 epochs of 6 frames / 2
     with pytest.raises(FinetuneError, match="steps or epochs"):
-        finetune(base_model, pairs, tmp_path / "x", steps=None, epochs=None)
+        finetune(base_model, pairs, tmp_path / "x", steps=None, epochs=None, time_budget_s=None)
+
+
+def _random_pairs(n, size=40, seed=2):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 255, (size, size), dtype=np.uint8), (rng.random((size, size)) > 0.7).astype(np.uint8))
+            for _ in range(n)]
+
+
+def test_reported_total_is_what_fit_runs(tmp_path, base_model):
+    """5 training frames, batch 4, 2 epochs: fit's loader drops the partial batch, so 2 steps, and every
+    report (the first, with the Dice before, included) announces 2."""
+    seen = []
+    res = finetune(base_model, _random_pairs(5), tmp_path / "sched", steps=None, epochs=2, batch_size=4,
+                   val_data=_random_pairs(1, seed=3), device="cpu", on_progress=seen.append)
+    assert res.steps == 2
+    assert {p.total_steps for p in seen} == {2}
+    assert seen[0].kind == "val" and seen[0].step == 0
+    from napari_sdunet.finetune import fit_schedule
+
+    assert fit_schedule(5, 4, 2, None) == (1, 2) and fit_schedule(4, 4, 2, None) == (1, 2)
+    assert fit_schedule(9, 4, None, 5) == (2, 5) and fit_schedule(9, 4, 3, 100) == (2, 6)
+
+
+def test_time_budget_ends_the_run_and_saves(tmp_path, base_model):
+    res = finetune(base_model, _random_pairs(6, size=64), tmp_path / "budget", steps=None, time_budget_s=4.0,
+                   patience=None, batch_size=2, device="cpu")
+    assert res.path is not None and not res.cancelled and res.stopped_by == "time budget"
+    assert res.steps >= 1 and res.total_seconds < 4.0 + 3.0
+    info = read_config(res.path)["finetune"]
+    assert info["stopped_by"] == "time budget" and info["time_budget_s"] == 4.0
+    with pytest.raises(FinetuneError, match="time budget"):
+        finetune(base_model, _random_pairs(2), tmp_path / "x", time_budget_s=-1)
+
+
+def test_patience_stops_when_held_out_dice_stops_improving(tmp_path, base_model):
+    res = finetune(base_model, _random_pairs(6), tmp_path / "pat", steps=300, time_budget_s=None, patience=2,
+                   batch_size=2, lr=1e-5, val_fraction=0.34, device="cpu")
+    assert res.stopped_by in ("no better held-out Dice (patience)", "steps")
+    assert res.stopped_by != "steps" or res.steps == 300
+
+
+def test_unwritable_output_fails_before_training(tmp_path, base_model, monkeypatch):
+    import tempfile
+
+    seen = []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(FinetuneError, match="is a file, not a folder"):
+        finetune(base_model, _random_pairs(2), blocker / "model", device="cpu", on_progress=seen.append)
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # as a read-only folder would (root ignores chmod)
+    with pytest.raises(FinetuneError, match="not writable"):
+        finetune(base_model, _random_pairs(2), tmp_path / "ro" / "model", device="cpu", on_progress=seen.append)
+    assert seen == []  # refused before the Dice before / any training step
+    assert not (tmp_path / "ro").exists()

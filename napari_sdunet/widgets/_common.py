@@ -9,6 +9,7 @@ user can cause (bad input, corrupt checkpoint, missing device) into notification
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, 
 log = logging.getLogger("napari_sdunet")
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-BROWSE = "__browse__"
 
 
 def notify_error(message: str) -> None:
@@ -69,30 +69,55 @@ class LayerCombo(ComboBox):
 
 
 def model_choices() -> list[tuple[str, str]]:
-    """(label, reference) of every shipped and user model; references go to ``load_model``."""
-    from ..zoo import list_pretrained, list_user_models, user_models_dir
+    """(label, reference) of every shipped and user model; references go to ``load_model``. Each label
+    names the model's task and the Dice its ``config.json`` records (:func:`napari_sdunet.zoo.describe`)."""
+    from ..zoo import describe, list_pretrained, list_user_models, summary_of, user_models_dir
 
-    out = [(f"{n} (shipped)", n) for n in list_pretrained()]
-    out += [(f"{n} (yours)", str(user_models_dir() / n)) for n in list_user_models()]
+    out = [(describe(n, summary_of(n), "shipped"), n) for n in list_pretrained()]
+    for n in list_user_models():
+        folder = user_models_dir() / n
+        out.append((describe(n, summary_of(folder), "yours"), str(folder)))
     return out
+
+
+#: every live model picker, refreshed together when a model is saved (:func:`models_changed`)
+_PICKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def models_changed() -> None:
+    """List the models again in every model picker of every widget (e.g. after fine-tuning saved one)."""
+    for picker in list(_PICKERS):
+        try:
+            picker.refresh()
+        except RuntimeError:  # its Qt widget was deleted with its viewer
+            _PICKERS.discard(picker)
 
 
 class ModelPicker(Container):
     """Shipped models, the user's (fine-tuned) models, or any checkpoint folder; can refresh.
 
     ``value`` is a model name or a checkpoint folder, ready for :func:`napari_sdunet.inference.load_model`.
+    :meth:`follow` preselects the model that suits an image layer (:mod:`._preselect`) until the user
+    picks one by hand; ``why`` says why the current model was chosen.
     """
 
     def __init__(self, label: str = "model") -> None:
         self._extra: list[tuple[str, str]] = []
+        self._programmatic = 0
+        self.manual = False  # the user picked the model by hand: preselection stops following layers
         self.combo = ComboBox(label=label, choices=self._choices, nullable=True)
+        self.why = Label(label="", value="")
         self.refresh_button = PushButton(text="Refresh")
         self.folder = FileEdit(label="checkpoint", mode="d", tooltip="a checkpoint folder (config.json + "
                                "model.safetensors) to add to the model list")
-        super().__init__(widgets=[self.combo, self.refresh_button, self.folder], labels=True)
+        super().__init__(widgets=[self.combo, self.why, self.refresh_button, self.folder], labels=True)
         self.refresh_button.changed.connect(self.refresh)
         self.folder.changed.connect(self._folder_chosen)
+        self.combo.changed.connect(self._user_changed)
         self.refresh()
+        if self.combo.value is None:  # never start empty while models exist
+            self.follow(None)
+        _PICKERS.add(self)
 
     def _choices(self, _widget: Any = None) -> list[tuple[str, str]]:
         try:
@@ -100,32 +125,73 @@ class ModelPicker(Container):
         except Exception as e:  # a broken models folder must not break the widget
             log.warning("cannot list models: %s", e)
             listed = []
-        return listed + [c for c in self._extra if c not in listed]
+        return listed + [c for c in self._extra if c[1] not in [r for _, r in listed]]
 
     def listed(self) -> list[tuple[str, str]]:
         """(label, reference) of the models offered, in combo order."""
         return self._choices()
 
+    def _set(self, value: str | None) -> None:
+        """Set the combo without counting it as the user's choice."""
+        self._programmatic += 1
+        try:
+            self.combo.value = value
+        finally:
+            self._programmatic -= 1
+
+    def _user_changed(self, _event: Any = None) -> None:
+        if not self._programmatic:
+            self.manual = self.combo.value is not None
+            self.why.value = "chosen by hand" if self.manual else ""
+
     def refresh(self, _event: Any = None) -> None:
-        """List the models again (e.g. after fine-tuning saved a new one)."""
+        """List the models again (e.g. after fine-tuning saved a new one); the choice is kept."""
         keep = self.combo.value
-        self.combo.reset_choices()
-        if keep is not None and keep in [c[1] for c in self._choices()]:
-            self.combo.value = keep
+        self._programmatic += 1
+        try:
+            self.combo.reset_choices()
+            if keep is not None and keep in [c[1] for c in self._choices()]:
+                self.combo.value = keep
+        finally:
+            self._programmatic -= 1
+
+    def follow(self, layer: Any) -> None:
+        """Preselect the model that suits ``layer`` (see :mod:`._preselect`), unless picked by hand."""
+        if self.manual:
+            return
+        from ._preselect import preselect
+
+        refs = [ref for _, ref in self._choices()]
+        try:
+            ref, why = preselect(layer, refs)
+        except Exception as e:  # a rule must never break the widget
+            log.warning("cannot preselect a model: %s", e)
+            ref, why = (refs[0], "the first model listed") if refs else (None, "")
+        if ref is not None and ref not in refs and Path(ref).is_dir():
+            self._add_extra(Path(ref))
+        if ref is not None:
+            self._set(ref)
+        self.why.value = why
+
+    def _add_extra(self, path: Path) -> str:
+        ref = str(path.resolve())
+        entry = (f"{path.name} (folder)", ref)
+        if ref not in [r for _, r in self._extra]:
+            self._extra.append(entry)
+        self.refresh()
+        return ref
 
     def _folder_chosen(self, _event: Any = None) -> None:
         path = Path(self.folder.value).expanduser()
         if not str(self.folder.value) or str(self.folder.value) == "." or not path.is_dir():
             return
-        ref = str(path.resolve())
-        entry = (f"{path.name} (folder)", ref)
-        if entry not in self._extra:
-            self._extra.append(entry)
-        self.refresh()
-        self.combo.value = ref
+        ref = self._add_extra(path)
+        self.combo.value = ref  # the user's choice
+        self.manual = True
+        self.why.value = "chosen by hand"
 
     def add_folder(self, folder: str | Path) -> None:
-        """Add a checkpoint folder to the list and select it."""
+        """Add a checkpoint folder to the list and select it (as the user's choice)."""
         self.folder.value = Path(folder)
         self._folder_chosen()
 
@@ -152,16 +218,39 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, MemoryError, RuntimeError, KeyError)
 
 
-def _guarded(job: Callable[..., Generator], args: tuple, kwargs: dict) -> Generator:
+#: what a job returns when it was stopped (Cancel, or its viewer closing)
+CANCELLED = "cancelled"
+
+
+def _guarded(job: Callable[..., Generator], args: tuple, kwargs: dict, stop: Any = None,
+             ended: Any = None) -> Generator:
+    """Run ``job`` turning user-fixable errors into a :class:`Failure`.
+
+    ``stop`` (a threading.Event) ends the job at its next progress report: the job's generator is
+    closed (so its ``finally`` blocks run in this thread) and :data:`CANCELLED` is returned.
+    ``ended`` is set once the job has stopped, however it stopped (result, error, cancel).
+    """
+    gen = job(*args, **kwargs)
     try:
-        result = yield from job(*args, **kwargs)
+        item = next(gen)
+        while True:
+            if stop is not None and stop.is_set():
+                gen.close()
+                return CANCELLED
+            yield item
+            item = next(gen)
+    except StopIteration as done:
+        return done.value
     except expected_errors() as e:
         log.debug("job failed", exc_info=True)
         text = str(e) or type(e).__name__
         if "out of memory" in text.lower():
             text = f"out of memory ({text.splitlines()[0]}); lower the batch size or use the CPU"
         return Failure(text)
-    return result
+    finally:
+        gen.close()
+        if ended is not None:
+            ended.set()
 
 
 def avoid_triton_without_cuda() -> None:
@@ -181,10 +270,34 @@ def avoid_triton_without_cuda() -> None:
         sys.modules["triton"] = None  # type: ignore[assignment]
 
 
-class JobRunner(Container):
-    """Progress bar, status line and Cancel button for one job at a time in a thread worker."""
+#: how long closing a viewer waits for a running job to stop (a fine-tuning step, a batch of frames)
+CLOSE_WAIT_S = 120.0
 
-    def __init__(self, run_button: PushButton) -> None:
+
+class _CloseWatcher:
+    """Calls ``on_close`` when the viewer's main window gets its Close event, before napari tears it down."""
+
+    def __init__(self, viewer: napari.Viewer, on_close: Callable[[], None]) -> None:
+        from qtpy.QtCore import QEvent, QObject
+
+        class Filter(QObject):
+            def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt name)
+                if event.type() == QEvent.Type.Close:
+                    on_close()
+                return False
+
+        self.filter = Filter()
+        viewer.window._qt_window.installEventFilter(self.filter)  # no reference kept to the window
+
+
+class JobRunner(Container):
+    """Progress bar, status line and Cancel button for one job at a time in a thread worker.
+
+    Given the viewer, closing its window cancels the job and waits (up to :data:`CLOSE_WAIT_S`) until it
+    has stopped, so no thread keeps training or saving after the viewer is gone.
+    """
+
+    def __init__(self, run_button: PushButton, viewer: napari.Viewer | None = None) -> None:
         self.run_button = run_button
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0, visible=True)
         self.status = Label(label="status", value="ready")
@@ -193,6 +306,27 @@ class JobRunner(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.worker: Any = None
         self.last_result: Any = None
+        self._ended: Any = None  # threading.Event set by the worker thread when the job has stopped
+        self._stop: Any = None  # threading.Event: the job stops at its next progress report
+        self._closed = False
+        self._watcher = None
+        if viewer is not None:
+            try:
+                self._watcher = _CloseWatcher(viewer, self.shutdown)
+            except (AttributeError, RuntimeError):  # a viewer without a Qt window (headless use)
+                self._watcher = None
+
+    def shutdown(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """Cancel the job (if any) and wait until its thread has stopped; True when nothing runs any more.
+        The widget takes no more results afterwards (its viewer is closing)."""
+        self._closed = True
+        if self.worker is None or self._ended is None:
+            return True
+        self._stop_job()
+        stopped = self._ended.wait(timeout)
+        if not stopped:
+            log.warning("a napari-sdunet job did not stop within %.0f s of closing the viewer", timeout)
+        return stopped
 
     @property
     def running(self) -> bool:
@@ -206,11 +340,16 @@ class JobRunner(Container):
         if self.running:
             notify_info("a job is already running; wait or press Cancel")
             return None
+        if self._closed:
+            return None
+        import threading
+
         avoid_triton_without_cuda()
-        worker = create_worker(_guarded, job, args, kwargs, _start_thread=False)
+        self._ended = threading.Event()
+        self._stop = threading.Event()
+        worker = create_worker(_guarded, job, args, kwargs, self._stop, self._ended, _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(lambda result: self._on_returned(result, on_result))
-        worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.last_result = None
@@ -221,12 +360,19 @@ class JobRunner(Container):
         worker.start()
         return worker
 
+    def _stop_job(self) -> None:
+        """Ask the job to stop as soon as it can (what Cancel does; subclasses add their own stop)."""
+        if self._stop is not None:
+            self._stop.set()
+
     def cancel(self, _event: Any = None) -> None:
         if self.worker is not None:
             self.status.value = "cancelling..."
-            self.worker.quit()
+            self._stop_job()
 
     def _on_progress(self, item: Any) -> None:
+        if self._closed:
+            return
         done, total, message = item
         if total:
             self.progress.max = max(int(total), 1)
@@ -235,6 +381,11 @@ class JobRunner(Container):
 
     def _on_returned(self, result: Any, on_result: Callable[[Any], None]) -> None:
         self.last_result = result
+        if self._closed:  # the viewer is closing: add nothing to it
+            return
+        if isinstance(result, str) and result == CANCELLED:
+            self._on_aborted()
+            return
         if isinstance(result, Failure):
             self.status.value = f"failed: {result.message}"
             notify_error(result.message)
@@ -246,11 +397,18 @@ class JobRunner(Container):
             notify_error(str(e))
 
     def _on_aborted(self) -> None:
+        self.last_result = "cancelled"
+        if self._closed:
+            return
         self.status.value = "cancelled"
         self.progress.value = 0
-        self.last_result = "cancelled"
 
     def _on_finished(self) -> None:
         self.worker = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
+        if self._closed:
+            return
+        try:
+            self.run_button.enabled = True
+            self.cancel_button.enabled = False
+        except RuntimeError:  # the Qt widgets were deleted with the viewer
+            pass

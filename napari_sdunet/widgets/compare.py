@@ -12,7 +12,7 @@ from typing import Any
 
 import napari
 import numpy as np
-from magicgui.widgets import CheckBox, Container, Label, PushButton, Table
+from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, Table
 
 from ._common import LayerCombo, layers_of, notify_error
 
@@ -20,6 +20,13 @@ from ._common import LayerCombo, layers_of, notify_error
 TP, FP, FN = 1, 2, 3
 COLORS = {TP: (1.0, 1.0, 1.0, 1.0), FP: (1.0, 0.0, 0.0, 1.0), FN: (0.0, 0.3, 1.0, 1.0)}
 COLUMNS = ["dice", "jaccard", "precision", "recall", "TP", "FP", "FN"]
+
+
+def fixed(value: Any, decimals: int = 4) -> Any:
+    """Scores as fixed decimals ('0.0257', never '2.570e-02'); counts and text unchanged."""
+    if isinstance(value, (float, np.floating)):
+        return "nan" if not np.isfinite(value) else f"{float(value):.{decimals}f}"
+    return value
 
 
 def overlay_codes(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -89,8 +96,13 @@ class CompareWidget(Container):
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
         self.table.read_only = True
         self.table.min_height = 220  # room for a few per-slice rows
+        self.export_path = FileEdit(label="table file", mode="w", filter="*.csv", value="",
+                                    tooltip="a .csv file for the table (scores with four fixed decimals)")
+        self.export_button = PushButton(text="Save table")
         super().__init__(widgets=[self.reference, self.prediction, self.live, self.button, self.summary,
-                                  self.table], labels=True)
+                                  self.table, self.export_path, self.export_button], labels=True)
+        self._rows: tuple[list[str], list[list[Any]]] = ([], [])
+        self.export_button.changed.connect(self._export_clicked)
         self.overlay: Any = None
         self._watched: list[Any] = []
         self._timer = QTimer()
@@ -174,12 +186,47 @@ class CompareWidget(Container):
             self._rewatch()
         else:
             self.overlay.data = codes
-            self.overlay.name = f"TP/FP/FN [{pred.name} vs {ref.name}]"
-        shown = [[f"{v:.4f}" if isinstance(v, float) else v for v in r] for r in rows]  # no 1e-05 in the table
+        shown = [[fixed(v) for v in r] for r in rows]  # no 1e-05 in the table
         self.table.value = {"data": shown, "index": index, "columns": COLUMNS}
+        self._rows = (index, shown)
         overall = dict(zip(COLUMNS, rows[-1]))
-        self.summary.value = (f"Dice {overall['dice']:.4f}  Jaccard {overall['jaccard']:.4f}  "
-                              f"precision {overall['precision']:.4f}  recall {overall['recall']:.4f}"
+        self.overlay.name = f"TP/FP/FN [{pred.name} vs {ref.name}] Dice {fixed(overall['dice'], 3)}"
+        self.summary.value = (f"Dice {fixed(overall['dice'])}  Jaccard {fixed(overall['jaccard'])}  "
+                              f"precision {fixed(overall['precision'])}  recall {fixed(overall['recall'])}"
                               + (f"  ({n_empty} slice(s) empty in both not listed)" if n_empty else ""))
         self.metrics = overall
         return True
+
+    # ---------------------------------------------------------------- export
+    def export_csv(self, path: Any) -> Any:
+        """Write the table (one row per slice/frame, then overall) as CSV with fixed decimals."""
+        import csv
+        from pathlib import Path
+
+        index, rows = self._rows
+        if not rows:
+            raise ValueError("nothing to save yet: press Compare first")
+        path = Path(path).expanduser()
+        if path.suffix.lower() != ".csv":
+            path = path.with_suffix(".csv")
+        ref, pred = self.reference.value, self.prediction.value
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["reference", "prediction", "rows", *COLUMNS])
+            for name, row in zip(index, rows):
+                w.writerow([getattr(ref, "name", ""), getattr(pred, "name", ""), name, *[fixed(v) for v in row]])
+        return path
+
+    def _export_clicked(self, _event: Any = None) -> None:
+        from ._common import notify_info
+
+        value = str(self.export_path.value or "")
+        if not value or value == ".":
+            notify_error("Compare: choose a table file (.csv) first")
+            return
+        try:
+            path = self.export_csv(value)
+        except (OSError, ValueError) as e:
+            notify_error(f"Compare: cannot save the table: {e}")
+            return
+        notify_info(f"Compare: table saved to {path}")

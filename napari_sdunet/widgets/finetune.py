@@ -6,6 +6,7 @@ the same training loop as ``training/``) runs in a thread; the widget plots the 
 validation Dice live, can cancel (nothing is saved then), and writes the new model to the user
 models folder, where the model lists of this and every other napari-sdunet widget pick it up at once
 (and after a restart). Layers are copied when the run starts, so painting during training is safe.
+Closing the viewer cancels a run and waits until the training thread has stopped (nothing is saved).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import queue
 import re
 import threading
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -30,21 +32,11 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from psygnal import Signal
 
-from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
+from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, models_changed, notify_error
 from .segment import proposed_axes
 
 LR_CHOICES = [("1e-5", 1e-5), ("3e-5", 3e-5), ("1e-4", 1e-4), ("3e-4", 3e-4), ("1e-3", 1e-3), ("3e-3", 3e-3)]
-
-
-class _Events:
-    """Hook for other widgets: ``events.model_saved`` emits the folder of each new fine-tuned model."""
-
-    model_saved = Signal(str)
-
-
-events = _Events()
 
 
 def parse_frames(text: str) -> list[int]:
@@ -125,14 +117,19 @@ class PairRow(Container):
 class FinetuneRunner(JobRunner):
     """The shared job runner, with Cancel that asks the training loop to stop (so nothing is saved)."""
 
-    def __init__(self, run_button: PushButton) -> None:
+    def __init__(self, run_button: PushButton, viewer: napari.viewer.Viewer | None = None) -> None:
         self.stop_event = threading.Event()
-        super().__init__(run_button)
+        super().__init__(run_button, viewer)
 
     def cancel(self, _event: Any = None) -> None:
+        """Stop after the current step; the run then reports that it saved nothing."""
         if self.worker is not None:
             self.status.value = "cancelling (after the current step)..."
             self.stop_event.set()
+
+    def _stop_job(self) -> None:  # closing the viewer: stop training and the relay at once
+        self.stop_event.set()
+        super()._stop_job()
 
 
 def finetune_job(stop: threading.Event, reports: list, base: str, items: list, output: str,
@@ -141,12 +138,15 @@ def finetune_job(stop: threading.Event, reports: list, base: str, items: list, o
     """Run :func:`~napari_sdunet.finetune.finetune` in a helper thread and relay its progress.
 
     Training reports (``Progress``) are appended to ``reports`` for the plot; the yielded
-    ``(done, total, message)`` drive the progress bar and status line.
+    ``(done, total, message)`` drive the progress bar (steps, or seconds of the time budget when that
+    ends the run first) and the status line (step, loss, held-out Dice). However this generator ends
+    (result, error, or closed by the worker on cancel), the training thread is stopped and joined.
     """
     from ..finetune import finetune
 
     q: queue.Queue = queue.Queue()
     box: dict[str, Any] = {}
+    budget = settings.get("time_budget_s")
 
     def target() -> None:
         try:
@@ -157,25 +157,36 @@ def finetune_job(stop: threading.Event, reports: list, base: str, items: list, o
 
     thread = threading.Thread(target=target, name="napari-sdunet-finetune", daemon=True)
     thread.start()
-    done, total, status, loss, val = 0, 0, "starting...", math.nan, math.nan
-    while thread.is_alive() or not q.empty():
-        try:
-            item = q.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if isinstance(item, str):
-            status = item
-        else:
-            reports.append(item)
-            done, total = item.step, item.total_steps
-            if item.kind == "step":
-                loss = item.loss
-            elif item.kind == "val":
-                val = item.val_dice
-            if item.kind != "done" and done > 0:
-                status = f"step {done}/{total}: loss {loss:.4f}, validation Dice {val:.4f}"
-        yield done, total, status
-    thread.join()
+    t0 = time.perf_counter()
+    done, total, status, loss, val, best = 0, 0, "starting...", math.nan, math.nan, math.nan
+    try:
+        while thread.is_alive() or not q.empty():
+            try:
+                item = q.get(timeout=0.1)
+            except queue.Empty:
+                item = None
+            if isinstance(item, str):
+                status = item
+            elif item is not None:
+                reports.append(item)
+                done, total = item.step, item.total_steps
+                if item.kind == "step":
+                    loss = item.loss
+                elif item.kind == "val":
+                    val = item.val_dice
+                    best = item.best_val_dice
+                if item.kind != "done" and done > 0:
+                    status = (f"step {done}: loss {loss:.4f}, held-out Dice {val:.3f} (best {best:.3f})"
+                              + (f", {time.perf_counter() - t0:.0f} of {budget:.0f} s" if budget else ""))
+            elapsed = time.perf_counter() - t0
+            if budget and (not total or elapsed / budget > done / max(total, 1)):
+                yield int(elapsed), int(budget), status  # the time budget ends the run first
+            else:
+                yield done, total, status
+    finally:
+        if thread.is_alive():  # closed early (cancel, viewer closing): stop training
+            stop.set()
+        thread.join()
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -185,14 +196,26 @@ class FinetuneWidget(Container):
     """Plugins > napari-sdunet > Fine-tune."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        from ..finetune import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_VAL_FRACTION
+        from ..finetune import (
+            DEFAULT_BATCH_SIZE,
+            DEFAULT_LR,
+            DEFAULT_STEPS,
+            DEFAULT_TIME_BUDGET_S,
+            DEFAULT_VAL_FRACTION,
+        )
 
         self.viewer = viewer
         self.pairs = Container(widgets=[], labels=False)
         self.add_pair_button = PushButton(text="Add pair")
         self.models = ModelPicker(label="base model")
         self.length_unit = ComboBox(label="train for", choices=["steps", "epochs"], value="steps")
-        self.length = SpinBox(label="how many", min=1, max=100_000, value=DEFAULT_STEPS)
+        self.length = SpinBox(label="how many", min=1, max=100_000, value=DEFAULT_STEPS,
+                              tooltip="at most this many; the time budget or no better held-out Dice may stop "
+                                      "the run earlier (the best held-out weights are kept)")
+        self.time_budget = SpinBox(label="time budget (s)", min=0, max=86_400, step=30,
+                                   value=int(DEFAULT_TIME_BUDGET_S),
+                                   tooltip="the whole run (preparing, training, measuring, saving) ends within "
+                                           "about this many seconds; 0: no limit")
         self.lr = ComboBox(label="learning rate", choices=LR_CHOICES, value=DEFAULT_LR)
         self.batch_size = SpinBox(label="batch size", min=1, max=256, value=DEFAULT_BATCH_SIZE)
         self.trainable = ComboBox(label="train", choices=[("all weights", "all"), ("decoder only", "decoder")],
@@ -213,10 +236,10 @@ class FinetuneWidget(Container):
                              tooltip="folder name in the user models folder; empty: <base>-ft-<date-time>")
         self.overwrite = CheckBox(text="replace a model of that name", value=False)
         self.run_button = PushButton(text="Fine-tune")
-        self.runner = FinetuneRunner(self.run_button)
+        self.runner = FinetuneRunner(self.run_button, viewer)
         self.result = Label(label="result", value="")
         super().__init__(widgets=[
-            self.pairs, self.add_pair_button, self.models, self.length_unit, self.length, self.lr,
+            self.pairs, self.add_pair_button, self.models, self.length_unit, self.length, self.time_budget, self.lr,
             self.batch_size, self.trainable, self.augment, self.freeze_bn, self.val_mode, self.val_fraction,
             self.val_pair,
             self.device, self.model_name, self.overwrite, self.run_button, self.runner, self.result,
@@ -236,9 +259,16 @@ class FinetuneWidget(Container):
     def add_pair(self, _event: Any = None) -> PairRow:
         row = PairRow(self.viewer, len(self.pairs) + 1)
         row.remove_button.changed.connect(lambda _e=None, r=row: self.remove_pair(r))
+        row.image_combo.changed.connect(self._follow_first_image)
         self.pairs.append(row)
         self._renumber()
+        self._follow_first_image()
         return row
+
+    def _follow_first_image(self, _event: Any = None) -> None:
+        """The base model follows the first pair's image layer (see Segment), unless picked by hand."""
+        if len(self.pairs):
+            self.models.follow(self.pairs[0].image_combo.value)
 
     def remove_pair(self, row: PairRow) -> None:
         if len(self.pairs) <= 1:
@@ -246,6 +276,7 @@ class FinetuneWidget(Container):
             return
         self.pairs.remove(row)
         self._renumber()
+        self._follow_first_image()
 
     def _renumber(self) -> None:
         for i, row in enumerate(self.pairs, 1):
@@ -300,6 +331,7 @@ class FinetuneWidget(Container):
             "freeze_bn": bool(self.freeze_bn.value),
             "val_fraction": float(self.val_fraction.value) if val_items is None else 0.0,
             "val_split": "random" if self.val_mode.value == "random" else "end",
+            "time_budget_s": float(self.time_budget.value) or None,
             "device": self.device.value, "overwrite": bool(self.overwrite.value),
         }
         self.runner.stop_event = threading.Event()
@@ -334,25 +366,17 @@ class FinetuneWidget(Container):
             self.runner.status.value = "cancelled: nothing was saved"
             self.result.value = "cancelled"
             return
-        where = "validation" if result.dice_on == "validation" else "training (no frame held out)"
+        where = "held-out" if result.dice_on == "validation" else "training (no frame held out)"
         verdict = ("" if result.dice_after > result.dice_before else
-                   "\nno gain: try more labelled frames, more steps or another learning rate")
+                   "\nno gain: try more labelled frames, more time or another learning rate")
         self.result.value = (f"Dice on {result.n_val or result.n_train} {where} frame(s): "
                              f"before {result.dice_before:.3f} → after {result.dice_after:.3f}\n"
-                             f"saved as {result.path.name} ({result.steps} steps, {result.seconds:.0f} s){verdict}")
-        self.runner.status.value = f"done: {result.path}"
+                             f"saved as {result.path.name} in {result.path.parent}\n"
+                             f"({result.steps} steps, stopped by {result.stopped_by}, weights of step "
+                             f"{result.best_step} kept; {result.total_seconds:.0f} s in all){verdict}")
+        self.runner.status.value = f"done: saved {result.path}"
         self.refresh_model_lists()
-        events.model_saved.emit(str(result.path))
 
     def refresh_model_lists(self) -> None:
-        """Refresh the model list of this widget and of every docked napari-sdunet widget that has one."""
-        self.models.refresh()
-        try:
-            docks = list(self.viewer.window.dock_widgets.values())
-        except (AttributeError, RuntimeError):
-            docks = []
-        for inner in docks:  # the inner widgets: magicgui Containers or QWidgets
-            widget = getattr(inner, "_magic_widget", inner)
-            picker = getattr(widget, "models", None)
-            if widget is not self and isinstance(picker, ModelPicker):
-                picker.refresh()
+        """Refresh the model list of every napari-sdunet widget (in every viewer), this one included."""
+        models_changed()

@@ -85,7 +85,7 @@ class SegmentWidget(Container):
         self.tta = CheckBox(text="test-time flips (4x slower)", value=False)
         self.add_prob = CheckBox(text="add probability layer", value=False)
         self.run_button = PushButton(text="Segment")
-        self.runner = JobRunner(self.run_button)
+        self.runner = JobRunner(self.run_button, viewer)
         super().__init__(widgets=[
             self.image, self.axes, self.axes_hint, self.models, self.modality, self.ct_lo, self.ct_hi,
             self.device, self.threshold, self.batch_size, self.tta, self.add_prob, self.run_button, self.runner,
@@ -100,6 +100,7 @@ class SegmentWidget(Container):
     # ---------------------------------------------------------------- reactions
     def _image_changed(self, _event: Any = None) -> None:
         layer = self.image.value
+        self.models.follow(layer)  # the model that suits this layer, unless one was picked by hand
         if layer is None:
             self.axes_hint.value = "no image layer"
             return
@@ -172,8 +173,16 @@ class SegmentWidget(Container):
         return self.runner.start(
             segment_job, model_ref, self.device.value, layer.data, axes, self.modality.value, window,
             int(self.batch_size.value), bool(self.tta.value),
-            on_result=lambda result: self._add_layers(result, source, float(self.threshold.value)),
+            on_result=lambda result: self._segmented(result, source, float(self.threshold.value), layer, model_ref),
         )
+
+    def _segmented(self, result: tuple[str, np.ndarray], source: dict[str, Any], threshold: float,
+                   layer: Any, model_ref: str) -> None:
+        from ..settings import remember
+        from ._preselect import task_of_layer
+
+        self._add_layers(result, source, threshold)
+        remember(layer, task_of_layer(layer)[0], model_ref)  # preselected next time, also after a restart
 
     def _add_layers(self, result: tuple[str, np.ndarray], source: dict[str, Any], threshold: float) -> None:
         from ..inference import to_labels

@@ -87,3 +87,30 @@ def test_compare_mismatched_shapes_notifies(make_napari_viewer, errors):
     w = CompareWidget(viewer)
     assert not w.compare()
     assert len(errors) == 1 and "shapes differ" in errors[0] and len(viewer.layers) == 2
+
+
+def test_small_scores_are_fixed_decimals_in_table_layer_name_and_export(make_napari_viewer, tmp_path, errors):
+    """Dice 0.0257 is shown as 0.0257 (never 2.570e-02): table, summary, overlay name, CSV export."""
+    import csv
+
+    ref = np.zeros((100, 100), np.uint8)
+    ref[:, :39] = 1  # 3900 pixels
+    pred = np.zeros((100, 100), np.uint8)
+    pred[:1, :51] = 1  # 51 pixels, of which 39 are TP -> Dice 2*39 / 3951 = 0.0197
+    viewer = make_napari_viewer()
+    viewer.add_labels(ref, name="truth")
+    viewer.add_labels(pred, name="model")
+    w = CompareWidget(viewer)
+    assert w.compare()
+    cells = [str(c) for row in w.table.data for c in row]
+    assert "0.0197" in cells and not any("e-" in c for c in cells)
+    assert "Dice 0.0197" in w.summary.value and "e-" not in w.summary.value
+    assert w.overlay.name.endswith("Dice 0.020") and "e-" not in w.overlay.name
+    with pytest.raises(ValueError, match="nothing to save"):
+        CompareWidget(make_napari_viewer()).export_csv(tmp_path / "none.csv")
+    w.export_path.value = tmp_path / "table"
+    w.export_button.changed.emit(True)
+    rows = list(csv.reader(open(tmp_path / "table.csv")))
+    assert rows[0] == ["reference", "prediction", "rows", "dice", "jaccard", "precision", "recall", "TP", "FP", "FN"]
+    assert rows[1][:4] == ["truth", "model", "overall", "0.0197"] and rows[1][7:] == ["39", "12", "3861"]
+    assert not any("e-" in c for r in rows for c in r) and errors == []

@@ -11,7 +11,7 @@ import pytest
 
 from napari_sdunet.checkpoint import read_config
 from napari_sdunet.io import read_image, read_mask
-from napari_sdunet.widgets.finetune import FinetuneWidget, events, labelled_count, parse_frames
+from napari_sdunet.widgets.finetune import FinetuneWidget, labelled_count, parse_frames
 from napari_sdunet.zoo import list_user_models, user_models_dir
 from tests.conftest import shared_data
 from tests.test_inference import make_checkpoint
@@ -71,12 +71,9 @@ def test_finetune_from_layers_saves_a_user_model_listed_everywhere(make_napari_v
     w.batch_size.value = 2
     w.val_fraction.value = 0.4
     w.model_name.value = "polyps-mine"
-    saved = []
-    events.model_saved.connect(saved.append)
     worker = w.run()
     assert worker is not None
     _wait(qtbot, w)
-    events.model_saved.disconnect(saved.append)
     assert errors == []
     res = w.last_result
     assert res is not None and not res.cancelled, w.runner.status.value
@@ -86,7 +83,7 @@ def test_finetune_from_layers_saves_a_user_model_listed_everywhere(make_napari_v
     assert cfg["finetune"]["base_model"] == "unet-polyps" and cfg["task"] == "polyps"
     assert "sequence 1 / corrected" in (res.path / "README.md").read_text()
     assert "before" in w.result.value and "after" in w.result.value
-    assert saved == [str(res.path)]
+    assert "saved as polyps-mine" in w.result.value and "stopped by steps" in w.result.value
     # the live plot got the Dice before (step 0), the losses and the validation Dice
     assert w.plot.dice[0] == (0, pytest.approx(res.dice_before)) and len(w.plot.loss) == 6
     # listed at once here and in the docked Segment widget
@@ -131,6 +128,7 @@ def test_cancel_saves_nothing(make_napari_viewer, qtbot, tmp_path, errors):
 def test_refuses_bad_input_with_a_message(make_napari_viewer, tmp_path, errors):
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)
+    w.models.combo.value = None  # preselected whenever models exist; the user emptied it
     assert w.run() is None and "base model" in errors[-1]
     w.models.add_folder(make_checkpoint(tmp_path / "base", task="nuclei", base_filters=4))
     assert w.run() is None and "choose an image layer" in errors[-1]
@@ -213,3 +211,92 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, er
 
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(shot).save(target)
+
+
+def _training_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "napari-sdunet-finetune" and t.is_alive()]
+
+
+def test_closing_the_viewer_stops_fine_tuning_and_saves_nothing(make_napari_viewer, qtbot, tmp_path, errors):
+    import time
+
+    rng = np.random.default_rng(0)
+    viewer = make_napari_viewer()
+    masks = (rng.random((6, 64, 64)) > 0.6).astype(np.uint8)
+    viewer.add_image((masks * 120 + rng.integers(0, 100, masks.shape)).astype(np.uint8), name="stack")
+    viewer.add_labels(masks, name="corrected")
+    w = FinetuneWidget(viewer)
+    w.models.add_folder(make_checkpoint(tmp_path / "base", task="nuclei", base_filters=4))
+    w.length.value = 100_000
+    w.time_budget.value = 0  # no limit: only closing the viewer ends it
+    w.model_name.value = "closed"
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: len(w.plot.loss) >= 2, timeout=60_000)
+    assert _training_threads()
+    t0 = time.perf_counter()
+    viewer.close()  # cancels and waits for the training thread
+    assert _training_threads() == [] and time.perf_counter() - t0 < 60
+    time.sleep(1.0)
+    assert not (user_models_dir() / "closed").exists() and list_user_models() == []
+    assert errors == []
+
+
+def test_closing_the_viewer_stops_segmenting(make_napari_viewer, qtbot, tmp_path, errors):
+    from napari_sdunet.widgets import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (400, 96, 96), dtype=np.uint8), name="movie")
+    w = SegmentWidget(viewer)
+    w.models.add_folder(make_checkpoint(tmp_path / "base", task="nuclei"))
+    w.axes.value = "TYX"
+    w.batch_size.value = 1
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: w.progress_value() >= 2, timeout=60_000)
+    ended = w.runner._ended
+    viewer.close()
+    assert ended.is_set()  # the job has stopped before close() returned
+    qtbot.wait(200)
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_process_exits_cleanly_when_closed_during_fine_tuning(tmp_path):
+    """The bug: closing napari during a fine-tune left training running; the process then aborted with
+    'terminate called without an active exception' (exit 134). Now it exits 0 and saves nothing."""
+    import subprocess
+    import sys
+
+    base = make_checkpoint(tmp_path / "base", task="nuclei", base_filters=4)
+    code = f"""
+import numpy as np, napari
+from qtpy.QtCore import QTimer
+from napari_sdunet.widgets.finetune import FinetuneWidget
+viewer = napari.Viewer(show=False)
+rng = np.random.default_rng(0)
+m = (rng.random((6, 64, 64)) > 0.6).astype(np.uint8)
+viewer.add_image((m * 120 + rng.integers(0, 100, m.shape)).astype(np.uint8), name="stack")
+viewer.add_labels(m, name="corrected")
+w = FinetuneWidget(viewer)
+w.models.add_folder({str(base)!r})
+w.length.value = 100000
+w.time_budget.value = 0
+w.model_name.value = "closed"
+w.run()
+def check():
+    if len(w.plot.loss) >= 2:
+        viewer.close()
+        from qtpy.QtWidgets import QApplication
+        QApplication.instance().quit()
+    else:
+        QTimer.singleShot(100, check)
+QTimer.singleShot(100, check)
+napari.run()
+print("closed cleanly")
+"""
+    env = {**os.environ, "NAPARI_SDUNET_MODELS": str(tmp_path / "models"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "closed cleanly" in r.stdout, (r.returncode, r.stderr[-2000:])
+    assert "terminate called" not in r.stderr
+    assert not (tmp_path / "models" / "closed").exists()

@@ -67,10 +67,11 @@ def test_lists_shipped_and_user_models(make_napari_viewer, tmp_path, monkeypatch
     monkeypatch.setattr(zoo, "PACKAGE_WEIGHTS", shipped)
     w = SegmentWidget(make_napari_viewer())
     labels = [label for label, _ in w.models.listed()]
-    assert "unet-nuclei (shipped)" in labels
+    assert "unet-nuclei: nuclei, no test Dice recorded (shipped)" in labels
+    assert w.models.model == "unet-nuclei"  # the only model: preselected, the box is never empty
     make_checkpoint(zoo.user_models_dir() / "unet-mine")  # e.g. saved by fine-tuning
     w.models.refresh()
-    assert "unet-mine (yours)" in [label for label, _ in w.models.listed()]
+    assert "unet-mine: nuclei, no test Dice recorded (yours)" in [label for label, _ in w.models.listed()]
 
 
 def test_lists_real_shipped_weights(make_napari_viewer):
@@ -80,7 +81,9 @@ def test_lists_real_shipped_weights(make_napari_viewer):
     if not names:
         pytest.skip("no shipped weights in napari_sdunet/weights yet")
     w = SegmentWidget(make_napari_viewer())
-    assert [f"{n} (shipped)" for n in names] == [label for label, _ in w.models.listed()][: len(names)]
+    labels = [label for label, _ in w.models.listed()][: len(names)]
+    assert [label.split(":")[0] for label in labels] == names
+    assert all(label.endswith("(shipped)") and "Dice" in label for label in labels)  # task and Dice shown
 
 
 def test_cancel(make_napari_viewer, qtbot, checkpoints, errors):
@@ -119,6 +122,8 @@ def test_bad_input_notifies(make_napari_viewer, qtbot, checkpoints, errors, tmp_
         (model / "model.safetensors").write_bytes(b"\0" * 100)
     if case != "no_model":
         w.models.add_folder(model)
+    else:  # the box is preselected whenever models exist; the user emptied it
+        w.models.combo.value = None
     if case == "wrong_ndim":
         w.axes.value = "YX"
     if case == "cuda":
