@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -89,6 +90,21 @@ int64_t clear_pool() {
   p.items.clear();
   p.bytes = 0;
   return freed;
+}
+
+// ---- GEMM back ends
+// Y = X W^T. ATen's mm goes to MKL for fp32; on AMD CPUs MKL runs its AVX2 kernels (about 90
+// GFLOP/s per core here) while oneDNN's matmul (mkldnn::_linear_pointwise, what Inductor uses)
+// runs AVX-512 (about 190). Python measures both once per host (sweep_fast.fp32_gemm_backend)
+// and passes the choice as `dnnl`. bf16 operands always go through at::mm, which uses oneDNN.
+
+at::Tensor linear_dnnl(const at::Tensor& X, const at::Tensor& W) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  return op.call(X, W, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
 // ---- element access policies: one kernel source, scalar (double, portable float) or AVX-512 float
@@ -277,7 +293,7 @@ at::ScalarType gtype() {
 template <class P, class G, class T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g, const at::Tensor& w_in,
                                      const at::Tensor& b_in, const at::Tensor& w_h, const at::Tensor& b_h,
-                                     bool keep) {
+                                     bool keep, bool dnnl) {
   const int64_t Tn = x.size(0), B = x.size(1), L = x.size(2), S = x.size(3), M = B * L, S3 = 3 * S;
   const bool lp = !std::is_same_v<G, T>;
   auto fo = x.options();
@@ -305,9 +321,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g,
   const int64_t line_pad = B * (L + 2) * S;
   for (int64_t t = 1; t < Tn; ++t) {
     const int64_t src = lp && !keep ? (t - 1) % 2 : t - 1, dst = lp && !keep ? t % 2 : t;
-    at::mm_out(c, x_g.select(0, t).view({M, S}), w_h_t);
     copy_taps<G>(gbase + src * line_pad, u.data_ptr<G>(), B, L, S);
-    at::mm_out(a, u, w_in_t);
+    if (dnnl) {  // results are fresh tensors (oneDNN has no out=); same-size frees are reused by malloc
+      c = linear_dnnl(x_g.select(0, t).view({M, S}), w_h);
+      a = linear_dnnl(u, w_in);
+    } else {
+      at::mm_out(c, x_g.select(0, t).view({M, S}), w_h_t);
+      at::mm_out(a, u, w_in_t);
+    }
     const G* ap = a.data_ptr<G>();
     const G* cp = c.data_ptr<G>();
     const T* hp = x.data_ptr<T>() + t * M * S;
@@ -330,7 +351,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g,
 template <class P, class G, class T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x_g, const at::Tensor& out_g,
                                       const at::Tensor& saved, const at::Tensor& w_in, const at::Tensor& w_h,
-                                      bool need_w_in, bool need_w_h) {
+                                      bool need_w_in, bool need_w_h, bool dnnl) {
   const int64_t Tn = grad.size(0), B = grad.size(1), L = grad.size(2), S = grad.size(3), M = B * L, S3 = 3 * S;
   const bool lp = !std::is_same_v<G, T>;
   auto fo = grad.options();
@@ -347,6 +368,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   at::Tensor w_h_g = w_h.to(gtype<G>()).contiguous();
   at::Tensor D = at::empty({M, 4 * S}, go), du = at::empty({M, S3}, go), u = at::empty({M, S3}, go);
   at::Tensor dxp = lp ? at::empty({M, S}, go) : at::Tensor();
+  // oneDNN computes X W^T: the weights it multiplies from the right, transposed once per call
+  const at::Tensor w_in_pt = dnnl ? w_in_p.t().contiguous() : at::Tensor();
+  const at::Tensor w_h_t = dnnl ? w_h_g.t().contiguous() : at::Tensor();
   at::Tensor tmp_in = lp ? at::empty({S3, S3}, go) : at::Tensor(), tmp_h = lp ? at::empty({S3, S}, go) : at::Tensor();
   at::Tensor g = grad.select(0, Tn - 1).clone();  // (B, L, S) total gradient of the current line
   const at::Tensor Da = D.narrow(1, 0, S3), Dc = D.narrow(1, S, S3);
@@ -365,20 +389,30 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
     acc.zero_();
     at::Tensor dx_t = dx.select(0, t).view({M, S});
     const at::Tensor h = x_g.select(0, t).view({M, S});
-    if (lp) at::mm_out(dxp, Dc, w_h_g);
-    else dx_t.addmm_(Dc, w_h_g);
-    if (need_w_h) {
-      if (lp) dw_h.add_(at::mm_out(tmp_h, Dc.t(), h));
-      else dw_h.addmm_(Dc.t(), h);
+    if (dnnl) {
+      dxp = linear_dnnl(Dc, w_h_t);
+      if (need_w_h) dw_h.add_(linear_dnnl(Dc.t(), h.t()));
+      if (need_w_in) {
+        copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
+        dw_in_p.add_(linear_dnnl(Da.t(), u.t()));
+      }
+      du = linear_dnnl(Da, w_in_pt);
+    } else {
+      if (lp) at::mm_out(dxp, Dc, w_h_g);
+      else dx_t.addmm_(Dc, w_h_g);
+      if (need_w_h) {
+        if (lp) dw_h.add_(at::mm_out(tmp_h, Dc.t(), h));
+        else dw_h.addmm_(Dc.t(), h);
+      }
+      if (need_w_in) {
+        copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
+        if (lp) dw_in_p.add_(at::mm_out(tmp_in, Da.t(), u));
+        else dw_in_p.addmm_(Da.t(), u);
+      }
+      at::mm_out(du, Da, w_in_p);
     }
-    if (need_w_in) {
-      copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
-      if (lp) dw_in_p.add_(at::mm_out(tmp_in, Da.t(), u));
-      else dw_in_p.addmm_(Da.t(), u);
-    }
-    at::mm_out(du, Da, w_in_p);
     const G* dup = du.data_ptr<G>();
-    const G* dxpp = lp ? dxp.data_ptr<G>() : nullptr;
+    const G* dxpp = (lp || dnnl) ? dxp.data_ptr<G>() : nullptr;
     const T* grp = grad.data_ptr<T>() + (t - 1) * M * S;
     T* gw = g.data_ptr<T>();
     at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
@@ -399,31 +433,31 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
 
 std::vector<at::Tensor> sweep_forward(const at::Tensor& x, const at::Tensor& x_lp, const at::Tensor& w_in,
                                       const at::Tensor& b_in, const at::Tensor& w_h, const at::Tensor& b_h,
-                                      bool keep, bool lp) {
+                                      bool keep, bool lp, bool dnnl) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "sweep: x must be contiguous (T, B, L, S) on CPU");
   TORCH_CHECK(b_in.is_contiguous() && b_h.is_contiguous(), "sweep: biases must be contiguous");
   if (x.scalar_type() == at::kDouble) {
     TORCH_CHECK(!lp, "sweep: bf16 operands need float32 state");
-    return forward_impl<ScalarD, double, double>(x, x, w_in, b_in, w_h, b_h, keep);
+    return forward_impl<ScalarD, double, double>(x, x, w_in, b_in, w_h, b_h, keep, false);
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat, "sweep: float32 or float64 state");
   if (lp) {
     TORCH_CHECK(x_lp.scalar_type() == at::kBFloat16 && x_lp.is_contiguous(), "sweep: x_lp must be contiguous bf16");
-    return forward_impl<FloatPolicy, bf16, float>(x, x_lp, w_in, b_in, w_h, b_h, keep);
+    return forward_impl<FloatPolicy, bf16, float>(x, x_lp, w_in, b_in, w_h, b_h, keep, false);
   }
-  return forward_impl<FloatPolicy, float, float>(x, x, w_in, b_in, w_h, b_h, keep);
+  return forward_impl<FloatPolicy, float, float>(x, x, w_in, b_in, w_h, b_h, keep, dnnl);
 }
 
 std::vector<at::Tensor> sweep_backward(const at::Tensor& grad, const at::Tensor& x_g, const at::Tensor& out_g,
                                        const at::Tensor& saved, const at::Tensor& w_in, const at::Tensor& w_h,
-                                       bool need_w_in, bool need_w_h) {
+                                       bool need_w_in, bool need_w_h, bool dnnl) {
   TORCH_CHECK(grad.is_contiguous() && x_g.is_contiguous() && out_g.is_contiguous() && saved.is_contiguous(),
               "sweep backward: contiguous tensors expected");
   if (grad.scalar_type() == at::kDouble)
-    return backward_impl<ScalarD, double, double>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h);
+    return backward_impl<ScalarD, double, double>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, false);
   if (x_g.scalar_type() == at::kBFloat16)
-    return backward_impl<FloatPolicy, bf16, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h);
-  return backward_impl<FloatPolicy, float, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h);
+    return backward_impl<FloatPolicy, bf16, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, false);
+  return backward_impl<FloatPolicy, float, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, dnnl);
 }
 
 bool simd() {

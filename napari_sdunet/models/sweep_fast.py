@@ -184,7 +184,8 @@ class FastSweep(torch.autograd.Function):
             ctx.lp, ctx.cpp = lp, cpp
             if cpp:
                 x_g = x.to(lp).contiguous() if lp else x
-                out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None)
+                ctx.dnnl = lp is None and x.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
+                out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None, ctx.dnnl)
                 # backward reads only the GEMM-dtype copies of input and state (bf16 with lp)
                 ctx.save_for_backward(x_g, out_g, saved, w_in, w_h)
             else:
@@ -202,7 +203,7 @@ class FastSweep(torch.autograd.Function):
             if ctx.cpp:
                 x_g, out_g, saved, w_in, w_h = ctx.saved_tensors
                 g = grad.to(w_in.dtype).contiguous()
-                grads = ctx.cpp.backward(g, x_g, out_g, saved, w_in, w_h, need[1], need[3])
+                grads = ctx.cpp.backward(g, x_g, out_g, saved, w_in, w_h, need[1], need[3], ctx.dnnl)
                 grads = [d if n else None for d, n in zip(grads, need)]
             else:
                 x, w_in, w_h, out, gates, prior = ctx.saved_tensors
@@ -241,7 +242,8 @@ def _apply(lines, w_in, b_in, w_h, b_h, lp, use_cpp=True):
             xc = x.contiguous()
             if cpp:
                 x_g = lines.to(lp).contiguous() if lp else xc
-                out = cpp.forward(xc, x_g, w_in, b_in, w_h, b_h, False, lp is not None)[0]
+                dnnl = lp is None and xc.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
+                out = cpp.forward(xc, x_g, w_in, b_in, w_h, b_h, False, lp is not None, dnnl)[0]
             else:
                 out, _, _ = _forward(xc, w_in, b_in, w_h, b_h, keep=False, lp=lp)
         y = out[:, :, 1:-1]
@@ -289,6 +291,56 @@ PROBE_SHAPE = (960, 450)
 #: bf16 must beat fp32 by this factor at that shape to be used (a margin for timing noise).
 BF16_MARGIN = 1.25
 _bf16_verdict: dict[int, bool] = {}
+
+
+_fp32_backend: dict[int, str] = {}
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` through oneDNN's matmul (the op Inductor uses on CPU), bypassing MKL's sgemm."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def fp32_gemm_probe(repeats: int = 5) -> tuple[float, float]:
+    """GFLOP/s of the sweep step's fp32 GEMM through MKL (torch.mm) and through oneDNN, on this host, now."""
+    import time
+
+    m, k = PROBE_SHAPE
+    a, w = torch.randn(m, k), torch.randn(k, k)
+    o = torch.empty(m, k)
+    rates = []
+    for fn in (lambda: torch.mm(a, w.t(), out=o), lambda: onednn_linear(a, w)):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        rates.append(2 * m * k * k / best / 1e9)
+    return rates[0], rates[1]
+
+
+def fp32_gemm_backend() -> str:
+    """"onednn" or "mkl": the faster fp32 GEMM at the sweep's shapes on this host (measured once per thread count).
+
+    On AMD CPUs MKL's sgemm runs AVX2 kernels (about 90 GFLOP/s per core on this EPYC), oneDNN's
+    AVX-512 ones (about 190); on Intel they are close. ``NAPARI_SDUNET_SWEEP_FP32_GEMM=mkl|onednn``
+    forces the choice.
+    """
+    import os
+
+    forced = os.environ.get("NAPARI_SDUNET_SWEEP_FP32_GEMM", "").strip().lower()
+    if forced in ("mkl", "onednn"):
+        return forced
+    n = torch.get_num_threads()
+    if n not in _fp32_backend:
+        try:
+            with torch.autocast("cpu", enabled=False), torch.no_grad():
+                mkl, dnnl = fp32_gemm_probe()
+            _fp32_backend[n] = "onednn" if dnnl >= 1.1 * mkl else "mkl"
+        except Exception:  # a torch without mkldnn: MKL/OpenBLAS it is
+            _fp32_backend[n] = "mkl"
+    return _fp32_backend[n]
 
 
 def gemm_probe(threads: int | None = None, repeats: int = 5) -> tuple[float, float]:

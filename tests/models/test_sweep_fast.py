@@ -63,11 +63,13 @@ def test_cpp_kernels_are_built_and_vectorised():
     assert sweep_cpp.simd() or "avx512f" not in sweep_cpp._cpu_flags()
 
 
-@pytest.mark.parametrize("impl", ["fast", "fast_py"])
+@pytest.mark.parametrize("impl,gemm", [("fast", "mkl"), ("fast", "onednn"), ("fast_py", "mkl")])
 @pytest.mark.parametrize("hw", [(6, 9), (9, 6), (7, 7)])
-def test_fast_float32_matches_reference_at_paper_state(impl, hw):
-    # float32 at S=150 (the production configuration) on square and non-square maps, all directions;
-    # 150 features are not a multiple of the 16-wide vectors, so the masked tails are exercised
+def test_fast_float32_matches_reference_at_paper_state(impl, gemm, hw, monkeypatch):
+    # float32 at S=150 (the production configuration) on square and non-square maps, all directions,
+    # with either fp32 GEMM back end; 150 features are not a multiple of the 16-wide vectors, so the
+    # masked tails are exercised
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP_FP32_GEMM", gemm)
     x, params = _setup(150, hw, B=3, dtype=torch.float32)
     x = torch.tanh(x.detach()).requires_grad_()
     g = torch.randn(3, 150, *hw)
