@@ -164,6 +164,22 @@ def test_every_pixel_type_through_finetune(tmp_path, nuclei, one_torch_thread):
         assert np.isfinite(res.dice_after), name
 
 
+def test_pixel_types_through_the_finetune_cli(tmp_path, nuclei, capsys, one_torch_thread):
+    img, ref = nuclei
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    for i, arr in enumerate(dtype_copies(img).values()):
+        tifffile.imwrite(images / f"t{i}.tif", arr, photometric="rgb")
+        io.write_image(masks / f"t{i}.png", ref)
+    rc, out, err = run_cli(["finetune", "--model", "unet-nuclei", "--images", images, "--masks", masks,
+                            "-o", tmp_path / "tuned", "--steps", "1", "--batch-size", "2", "--device", "cpu",
+                            "--json"], capsys)
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["n_train"] + res["n_val"] == len(dtype_copies(img)) and np.isfinite(res["dice_after"])
+    assert snapshot(images) and (tmp_path / "tuned" / "model.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------- 2. overwriting
 
 @pytest.fixture
@@ -774,3 +790,38 @@ def test_torch_default_dtype_float64_does_not_break_prediction(tmp_path):
     finally:
         torch.set_default_dtype(old)
     assert prob.shape == (20, 20)
+
+
+# ----------------------------------------------------------------------------- widgets (read-only use)
+
+def test_segment_widget_handles_every_pixel_type(make_napari_viewer, qtbot, nuclei, monkeypatch):
+    """The Segment widget on 16-bit / float copies of the sample: the same mask, the layers untouched."""
+    import napari.utils.notifications as notifications
+
+    from napari_sdunet.widgets import SegmentWidget
+    from napari_sdunet.zoo import PACKAGE_WEIGHTS
+
+    shown: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", lambda message: shown.append(str(message)))
+    img, ref = nuclei
+    viewer = make_napari_viewer()
+    copies = {"uint8": img, **{k: v for k, v in dtype_copies(img).items() if "same values" not in k}}
+    layers = {name: viewer.add_image(arr, name=name, rgb=True) for name, arr in copies.items()}
+    before = {name: np.array(layer.data, copy=True) for name, layer in layers.items()}
+    w = SegmentWidget(viewer)
+    w.models.add_folder(PACKAGE_WEIGHTS / "unet-nuclei")
+    masks = {}
+    for name, layer in layers.items():
+        w.image.value = layer
+        w.axes.value = "YXC"
+        n = len(viewer.layers)
+        w.run()
+        qtbot.waitUntil(lambda: not w.runner.running, timeout=120_000)
+        assert shown == [], (name, shown)
+        assert len(viewer.layers) == n + 1, name
+        masks[name] = np.asarray(viewer.layers[-1].data) > 0
+    d8 = dice(masks["uint8"], ref)
+    for name, mask in masks.items():
+        assert abs(dice(mask, ref) - d8) <= 0.01, name
+    for name, layer in layers.items():
+        assert layer.data.dtype == before[name].dtype and np.array_equal(layer.data, before[name]), name
