@@ -174,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{what}: fine-tune on {len(tune_ids)} ({tune_ids[0]}..{tune_ids[-1]}), evaluate on {len(eval_ids)}; "
           f"base {base} ({base_note}); torch threads {torch.get_num_threads()}", flush=True)
-    before = evaluate(base, eval_img, eval_mask)
-    print(f"before: Dice {before['dice']:.4f} ± {before['dice_sd']:.4f} on {before['n']} held-out frames", flush=True)
     out = work / "finetuned"
     wall0, cpu0 = time.perf_counter(), time.process_time()
     res = finetune(base, (tune_img, tune_mask), out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -183,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                    val_fraction=args.val_fraction, val_split=args.val_split, device="cpu",
                    on_status=lambda s: print(f"  {s}", flush=True))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    # scored after fine-tuning: predict() runs under inference_mode, and the fused C++ sweep's buffer pool
+    # would hand its tensors to the fine-tuning's backward (which torch refuses)
+    before = evaluate(base, eval_img, eval_mask)
+    print(f"before: Dice {before['dice']:.4f} ± {before['dice_sd']:.4f} on {before['n']} held-out frames", flush=True)
     after = evaluate(str(out), eval_img, eval_mask)
     print(f"after:  Dice {after['dice']:.4f} ± {after['dice_sd']:.4f}")
     print(f"fine-tuning: {res.steps} steps, {res.n_train} train / {res.n_val} val frames, "

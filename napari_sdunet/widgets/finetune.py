@@ -250,6 +250,7 @@ class FinetuneWidget(Container):
         self.native.layout().addWidget(self.plot)
         self._reports: list = []
         self._shown = 0
+        self._fixed_x = True
         self.last_result: Any = None
         self.add_pair_button.changed.connect(self.add_pair)
         self.val_mode.changed.connect(self._val_mode_changed)
@@ -337,7 +338,8 @@ class FinetuneWidget(Container):
         self.runner.stop_event = threading.Event()
         self._reports = []
         self._shown = 0
-        self.plot.reset(n if settings["steps"] else 0)
+        self._fixed_x = settings["time_budget_s"] is None  # with a time budget the x axis grows with the run
+        self.plot.reset(n if settings["steps"] and self._fixed_x else 0)
         self.result.value = ""
         self.last_result = None
         worker = self.runner.start(finetune_job, self.runner.stop_event, self._reports, base, items, output,
@@ -350,7 +352,7 @@ class FinetuneWidget(Container):
         new = self._reports[self._shown:]
         self._shown += len(new)
         for p in new:
-            if p.total_steps and p.total_steps != self.plot.total:
+            if self._fixed_x and p.total_steps and p.total_steps != self.plot.total:
                 self.plot.total = p.total_steps
             if p.kind == "step":
                 self.plot.add_loss(p.step, p.loss)
