@@ -39,7 +39,13 @@ from benchmarks import bench_train_step  # noqa: E402
 from napari_sdunet.models import create_model  # noqa: E402
 from napari_sdunet.models.sdn import SDNCell  # noqa: E402
 from napari_sdunet.models.sweep import list_sweeps, sweep  # noqa: E402
-from napari_sdunet.models.sweep_fast import bf16_gemm_pays, gemm_probe  # noqa: E402
+from napari_sdunet.models.sweep_fast import (  # noqa: E402
+    bf16_gemm_pays,
+    fp32_gemm_backend,
+    fp32_gemm_probe,
+    gemm_probe,
+    onednn_linear,
+)
 from napari_sdunet.models.sweep_naive import sweep_naive  # noqa: E402
 
 
@@ -71,6 +77,8 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, repeats: int
 def sweep_gemm_gflops(m: int, S: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, float]:
     """FLOP-weighted GEMM rate of one sweep step at its own shapes (M = B*L rows) and operand dtype.
 
+    Each GEMM is timed through torch.mm and through oneDNN's matmul; the faster counts.
+
     Returns {"fwd": rate of the 2 forward GEMMs, "fwd+bwd": rate of all 6, and each GEMM's own rate}.
     """
     S3 = 3 * S
@@ -81,22 +89,29 @@ def sweep_gemm_gflops(m: int, S: int, dtype: torch.dtype, device: torch.device, 
 
     u, h, w_in, w_h, da = r(m, S3), r(m, S), r(S3, S3), r(S3, S), r(m, S3)
     o3, o1, ow, owh = r(m, S3), r(m, S), r(S3, S3), r(S3, S)
-    gemms = {  # name: (flops, fn, pass)
-        "prior h W_h^T": (2 * m * S * S3, lambda: torch.mm(h, w_h.t(), out=o3), "fwd"),
-        "taps U W_in^T": (2 * m * S3 * S3, lambda: torch.mm(u, w_in.t(), out=o3), "fwd"),
-        "dU = dA W_in": (2 * m * S3 * S3, lambda: torch.mm(da, w_in, out=o3), "bwd"),
-        "dx = dC W_h": (2 * m * S3 * S, lambda: torch.mm(da, w_h, out=o1), "bwd"),
-        "dW_in = dA^T U": (2 * m * S3 * S3, lambda: torch.mm(da.t(), u, out=ow), "bwd"),
-        "dW_h = dC^T h": (2 * m * S3 * S, lambda: torch.mm(da.t(), h, out=owh), "bwd"),
+    w_in_t, w_h_t = w_in.t().contiguous(), w_h.t().contiguous()
+    lin = onednn_linear
+    gemms = {  # name: (flops, [torch.mm (MKL fp32 / oneDNN bf16), oneDNN matmul], pass)
+        "prior h W_h^T": (2 * m * S * S3, [lambda: torch.mm(h, w_h.t(), out=o3), lambda: lin(h, w_h)], "fwd"),
+        "taps U W_in^T": (2 * m * S3 * S3, [lambda: torch.mm(u, w_in.t(), out=o3), lambda: lin(u, w_in)], "fwd"),
+        "dU = dA W_in": (2 * m * S3 * S3, [lambda: torch.mm(da, w_in, out=o3), lambda: lin(da, w_in_t)], "bwd"),
+        "dx = dC W_h": (2 * m * S3 * S, [lambda: torch.mm(da, w_h, out=o1), lambda: lin(da, w_h_t)], "bwd"),
+        "dW_in = dA^T U": (2 * m * S3 * S3, [lambda: torch.mm(da.t(), u, out=ow), lambda: lin(da.t(), u.t())], "bwd"),
+        "dW_h = dC^T h": (2 * m * S3 * S, [lambda: torch.mm(da.t(), h, out=owh), lambda: lin(da.t(), h.t())], "bwd"),
     }
+    if device.type != "cpu":
+        gemms = {k: (f, fns[:1], p) for k, (f, fns, p) in gemms.items()}
     inner = 5
     res, secs = {}, {}
-    for name, (flops, fn, _) in gemms.items():
-        def run(fn=fn):
-            for _ in range(inner):
-                fn()
+    for name, (flops, fns, _) in gemms.items():
+        best = float("inf")
+        for fn in fns:  # the host's best library at this shape is the ceiling
+            def run(fn=fn):
+                for _ in range(inner):
+                    fn()
 
-        secs[name] = best_time(run, repeats, device) / inner
+            best = min(best, best_time(run, repeats, device) / inner)
+        secs[name] = best
         res[name] = flops / secs[name] / 1e9
     for pas, names in (("fwd", [n for n, v in gemms.items() if v[2] == "fwd"]), ("fwd+bwd", list(gemms))):
         res[pas] = sum(gemms[n][0] for n in names) / sum(secs[n] for n in names) / 1e9
@@ -211,6 +226,9 @@ def machine_info(device: torch.device) -> dict:
     fp32, bf16 = gemm_probe()
     info["probe_gflops"] = {"fp32": fp32, "bf16": bf16}
     info["bf16_gemm_pays"] = bf16_gemm_pays()
+    mkl, dnnl = fp32_gemm_probe()
+    info["fp32_probe_gflops"] = {"mkl": mkl, "onednn": dnnl}
+    info["fp32_gemm_backend"] = fp32_gemm_backend()
     try:
         from napari_sdunet.models import sweep_cpp
 
@@ -311,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"AMX: {'yes' if info['amx'] else 'no'}; AVX512-BF16: {'yes' if info['avx512_bf16'] else 'no'}; "
               f"ATen CPU capability {info['cpu_capability']}; C++ sweep kernels: {info['cpp_kernels']}; "
               f"bf16 GEMM probe {info['probe_gflops']['bf16']:.0f} vs fp32 {info['probe_gflops']['fp32']:.0f} "
-              f"GFLOP/s, so autocast sweeps use {'bf16' if info['bf16_gemm_pays'] else 'fp32'} operands")
+              f"GFLOP/s, so autocast sweeps use {'bf16' if info['bf16_gemm_pays'] else 'fp32'} operands; "
+              f"fp32 GEMM probe MKL {info['fp32_probe_gflops']['mkl']:.0f} vs oneDNN "
+              f"{info['fp32_probe_gflops']['onednn']:.0f} GFLOP/s, so fp32 sweeps use {info['fp32_gemm_backend']}")
     print(f"Square matmul {args.mm_size}^3: fp32 {mm:.0f} GFLOP/s, bf16 {mm_bf16:.0f} GFLOP/s")
     print()
     print("Same-shape GEMM ceilings (GFLOP/s, FLOP-weighted over the sweep step's GEMMs; best reading):")

@@ -4,8 +4,8 @@
     python benchmarks/bench_train_step.py --modes fp32 bf16_cl --archs sdunet unet
 
 One step = forward, the recipe's loss, backward and an Adam update on a random batch of the task's
-preset size (batch 20, Table 5). Prints the median of ``--repeats`` steps after one warm-up step per
-network and mode, the ratios between modes, and the step-time ratios SDU-Net / U-Net and
+preset size (batch 20, Table 5). Prints the best of ``--repeats`` steps (interleaved across networks
+and modes) after one warm-up round, the ratios between modes, and the step-time ratios SDU-Net / U-Net and
 SDNU-Net / U-Net++ at the same precision (issue 13's targets). ``bf16_cl`` is what the training
 campaign runs: ``model.to(memory_format=torch.channels_last)``, channels_last input and
 ``torch.autocast("cpu", dtype=torch.bfloat16)``.
@@ -14,7 +14,6 @@ campaign runs: ``model.to(memory_format=torch.channels_last)``, channels_last in
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,9 +31,8 @@ MODES = {"fp32": (False, False), "fp32_cl": (False, True), "bf16_cl": (True, Tru
 PAIRS = {"sdunet": "unet", "sdnunet": "unetpp"}
 
 
-def step_seconds(arch: str, task: str, size: list[int], batch: int, mode: str, repeats: int,
-                 sdn_impl: str | None = None) -> float:
-    """Median seconds of ``repeats`` training steps of ``arch`` in ``mode`` (after one warm-up step)."""
+def make_step(arch: str, task: str, size: list[int], batch: int, mode: str, sdn_impl: str | None = None):
+    """A closure running one training step of ``arch`` in ``mode`` on a fixed random batch."""
     bf16, channels_last = MODES[mode]
     torch.manual_seed(0)
     model = create_model(arch, task, **({"sdn_impl": sdn_impl} if sdn_impl else {}))
@@ -43,8 +41,8 @@ def step_seconds(arch: str, task: str, size: list[int], batch: int, mode: str, r
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     x = torch.rand(batch, model.in_channels, *size).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, *size) > 0.5).float()
-    times = []
-    for _ in range(repeats + 1):  # the first step warms up allocators and kernels
+
+    def step() -> float:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
@@ -52,20 +50,35 @@ def step_seconds(arch: str, task: str, size: list[int], batch: int, mode: str, r
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+        return time.perf_counter() - t
+
+    return step
+
+
+def step_seconds(arch: str, task: str, size: list[int], batch: int, mode: str, repeats: int,
+                 sdn_impl: str | None = None) -> float:
+    """Best of ``repeats`` training steps of ``arch`` in ``mode`` (after one warm-up step)."""
+    step = make_step(arch, task, size, batch, mode, sdn_impl)
+    step()
+    return min(step() for _ in range(repeats))
 
 
 def run(archs: list[str], modes: list[str], task: str, size: list[int], batch: int, repeats: int,
         sdn_impl: str | None = None, echo=print) -> dict[str, dict[str, float]]:
-    """Seconds per step, ``{arch: {mode: s}}``, measured network by network (modes side by side)."""
-    res: dict[str, dict[str, float]] = {}
-    for arch in archs:
-        res[arch] = {}
-        for mode in modes:
-            impl = sdn_impl if arch in PAIRS else None
-            res[arch][mode] = step_seconds(arch, task, size, batch, mode, repeats, impl)
-            echo(f"  step {arch:>8} {mode:>8}: {res[arch][mode]:7.2f} s", flush=True)
+    """Seconds per step, ``{arch: {mode: s}}``: best of ``repeats`` after a warm-up.
+
+    The repeats are interleaved (every network and mode once, then again), so that load from other
+    jobs on a shared machine hits all of them alike and the ratios stay comparable.
+    """
+    steps = {(a, m): make_step(a, task, size, batch, m, sdn_impl if a in PAIRS else None)
+             for a in archs for m in modes}
+    res: dict[str, dict[str, float]] = {a: {} for a in archs}
+    for rep in range(repeats + 1):  # round 0 warms up allocators and kernels
+        for (arch, mode), step in steps.items():
+            t = step()
+            if rep:
+                res[arch][mode] = min(res[arch].get(mode, float("inf")), t)
+                echo(f"  step {arch:>8} {mode:>8}: {t:7.2f} s (round {rep})", flush=True)
     return res
 
 
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     size = [int(v) for v in a.size.split("x")] if a.size else TASKS[a.task]["preprocessing"]["input_size"]
-    print(f"{a.task} {size[0]}x{size[1]}, batch {a.batch}, {a.threads} thread(s), median of {a.repeats} steps")
+    print(f"{a.task} {size[0]}x{size[1]}, batch {a.batch}, {a.threads} thread(s), best of {a.repeats} steps")
     res = run(a.archs, a.modes, a.task, size, a.batch, a.repeats, a.sdn_impl)
     print()
     print("\n".join(table(res, a.modes)))
