@@ -81,8 +81,6 @@ def iter_tiled(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 def predict_tiled(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: Sequence[int],
                   overlap: int = 32, multiple: int = 16, batch_size: int = 4) -> torch.Tensor:
     """Probabilities (H, W) of ``x`` (C, H, W) from overlapping tiles (see :func:`iter_tiled`)."""
-    result = None
-    for _, _, result in iter_tiled(predict, x, tile, overlap, multiple, batch_size):
-        pass
+    *_, (_, _, result) = iter_tiled(predict, x, tile, overlap, multiple, batch_size)
     assert result is not None
     return result

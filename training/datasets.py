@@ -301,13 +301,17 @@ def window(hu: np.ndarray, win: Sequence[float]) -> np.ndarray:
 
 
 def read_volume(path: Path) -> np.ndarray:
-    """A NIfTI as (Z, Y, X): ``out[k]`` is ``arr[:, :, k].T``, the axial slice as displayed."""
-    import nibabel as nib
+    """A NIfTI as (Z, Y, X) in the training orientation, the way the plugin reads it for prediction.
 
-    arr = np.asarray(nib.load(str(path)).dataobj)
-    if arr.ndim != 3:
-        raise DataError(f"{path}: expected a 3-D volume, got shape {arr.shape}")
-    return np.ascontiguousarray(np.transpose(arr, (2, 1, 0)))
+    ``out[k]`` is the axial slice as displayed; a volume stored in another orientation is turned
+    (axis swaps and flips only) by :func:`napari_sdunet.io.reorient` first.
+    """
+    from napari_sdunet.io import read_nifti, reorient
+
+    vol = read_nifti(path)
+    if vol.data.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {vol.data.shape}")
+    return np.ascontiguousarray(reorient(vol.data, vol.affine)[0])
 
 
 def volume_slices(ct: np.ndarray, mask: np.ndarray | None, size: Sequence[int], win: Sequence[float],
