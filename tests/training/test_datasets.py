@@ -102,18 +102,30 @@ def test_lits_download_layout_and_window(tmp_path):
     import nibabel as nib
 
     src = shared_data("liver")
-    ct = np.asarray(nib.load(str(src / "images" / "ircadb1_07.nii.gz")).dataobj)[:, :, 60:66]
+    img = nib.load(str(src / "images" / "ircadb1_07.nii.gz"))
+    ct = np.asarray(img.dataobj)[:, :, 60:66]
     seg = np.asarray(nib.load(str(src / "masks" / "ircadb1_07.nii.gz")).dataobj)[:, :, 60:66]
-    nib.save(nib.Nifti1Image(ct.astype(np.int16), np.eye(4)), str(tmp_path / "volume-3.nii"))
-    nib.save(nib.Nifti1Image(seg.astype(np.uint8), np.eye(4)), str(tmp_path / "segmentation-3.nii"))
-    nib.save(nib.Nifti1Image(ct.astype(np.int16), np.eye(4)), str(tmp_path / "volume-40.nii"))
-    nib.save(nib.Nifti1Image(seg.astype(np.uint8), np.eye(4)), str(tmp_path / "segmentation-40.nii"))
+    aff = img.affine  # stored in the training orientation: read as stored
+    nib.save(nib.Nifti1Image(ct.astype(np.int16), aff), str(tmp_path / "volume-3.nii"))
+    nib.save(nib.Nifti1Image(seg.astype(np.uint8), aff), str(tmp_path / "segmentation-3.nii"))
+    nib.save(nib.Nifti1Image(ct.astype(np.int16), aff), str(tmp_path / "volume-40.nii"))
+    nib.save(nib.Nifti1Image(seg.astype(np.uint8), aff), str(tmp_path / "segmentation-40.nii"))
     shutil.copy(src / "lits_paper_split.csv", tmp_path / "lits_paper_split.csv")
     assert detect_layout(tmp_path) == "lits"
     vols = load_volumes(tmp_path, "test")
     assert [v[0] for v in vols] == ["volume-3"]  # LiTS batch 1 is the paper's test set
     vid, arr, mask = vols[0]
     assert np.array_equal(arr[2], ct[:, :, 2].T) and np.array_equal(mask[2], seg[:, :, 2].T > 0)
+    # the same scan stored with another orientation (RAS: x and y flipped) reads back the same
+    flip = aff @ np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = aff[:3, :3] @ (np.array(ct.shape) - 1) * [1, 1, 0] + aff[:3, 3]
+    ras = tmp_path / "ras"
+    ras.mkdir()
+    nib.save(nib.Nifti1Image(ct[::-1, ::-1].astype(np.int16), flip), str(ras / "volume-3.nii"))
+    nib.save(nib.Nifti1Image(seg[::-1, ::-1].astype(np.uint8), flip), str(ras / "segmentation-3.nii"))
+    shutil.copy(src / "lits_paper_split.csv", ras / "lits_paper_split.csv")
+    _, arr2, mask2 = load_volumes(ras, "test")[0]
+    assert np.array_equal(arr2, arr) and np.array_equal(mask2, mask)
     ds = load_split("liver", ["train", "val"], source=tmp_path, ct_window=(-40, 160))
     assert ds.images.shape == (6, 1, 128, 128) and set(ds.groups) == {"volume-40"}
     assert ds.masks.sum() > 0
