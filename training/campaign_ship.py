@@ -185,9 +185,10 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         "- learning curve: ![learning curve](learning_curve.png)", "",
         "## Test metrics (fp16 weights as shipped; the test split was never used for selection)",
         *_metric_lines(r.task, tests), "",
-        "## Reproduce",
-        f"- `python -m training campaign run training/campaign.toml --only {entry.name}`",
-        f"- `python -m training campaign ship training/campaign.toml {entry.name}`",
+        "## Provenance",
+        f"- command: `python -m training campaign run training/campaign.toml --only {entry.name}`, then "
+        f"`python -m training campaign ship training/campaign.toml {entry.name}`",
+        f"- test metrics again: `python -m training evaluate {entry.name}`",
     ]
     return "\n".join(lines) + "\n"
 
