@@ -1,19 +1,21 @@
 """Fast SDN sweep: a custom autograd Function with whole-line GEMMs and a hand-written backward.
 
-Same math as :func:`napari_sdunet.models.sweep.sweep_loop` (spec §1.2), organised for throughput:
+Same math as :func:`napari_sdunet.models.sweep.sweep_loop` (spec §1.2), organised for throughput.
+Two back ends behind the same Function:
 
-* the output lives in a zero-padded buffer ``(T, B, L+2, S)``, so the 3-tap input of a step is a
-  strided window of the previous line (no padding/concatenation per step);
-* each step's GEMMs (prior term and taps forward; gradient to the previous line, prior-term input
-  gradient, dW_in and dW_h backward) run on per-step blocks that stay in cache, which measured faster
-  on CPU than one GEMM over all steps (benchmarks/README.md);
-* every per-step tensor is a preallocated buffer written with ``out=`` (no allocation in the loop:
-  large allocations page-fault on every step on CPU);
-* backward is one reversed loop; the gate-derivative factors that do not depend on the incoming
-  gradient are computed for all steps in a few whole-tensor ops; autograd keeps no per-step graph.
+* **C++ kernels** (:mod:`.sweep_cpp`, ``_sweep_cpu.cpp``), used where they build: the whole loop in
+  C++, each step's gate arithmetic fused into one AVX-512 pass, big buffers recycled (no page faults
+  per call), bf16 copies of input and state written once where the GEMMs read them. fp32 GEMMs go
+  to oneDNN or MKL, whichever :func:`fp32_gemm_backend` measured faster on the host;
+* **pure torch** (this file's ``_forward`` / ``_backward``; names ``fast_py``, ``fast_py_bf16``):
+  the fallback where no compiler is at hand, and a second reference in the tests.
 
-It is device-agnostic torch code (CPU first; on CUDA it is still launch-bound, see sweep_triton).
-Registered as "fast" at the head of ``AUTO_ORDER`` for CPU tensors.
+Both keep the output in a zero-padded buffer ``(T, B, L+2, S)`` so the 3 taps of a step are a strided
+window of the previous line, run each step's GEMMs on per-step blocks that stay in cache, and keep
+no per-step autograd graph. Precision: ``fast`` is exact fp32 (or fp64); ``fast_bf16`` has bf16 GEMM
+operands with fp32 accumulation, state, gates and biases. ``impl="auto"`` picks ``fast_bf16`` for
+bf16 inputs and under CPU autocast to bf16 only where :func:`bf16_gemm_pays` on the host, else
+``fast`` (benchmarks/README.md has the rule and the numbers).
 """
 
 from __future__ import annotations
@@ -178,12 +180,13 @@ class FastSweep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp, cpp):  # noqa: D102
+    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp, cpp, x_lp=None):  # noqa: D102
         with _no_autocast(lines):
             x = lines.contiguous()
             ctx.lp, ctx.cpp = lp, cpp
             if cpp:
-                x_g = x.to(lp).contiguous() if lp else x
+                # the bf16 GEMM copy of the input: the caller's own bf16 tensor under autocast
+                x_g = (x_lp if x_lp is not None else x.to(lp)).contiguous() if lp else x
                 ctx.dnnl = lp is None and x.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
                 out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None, ctx.dnnl)
                 # backward reads only the GEMM-dtype copies of input and state (bf16 with lp)
@@ -198,7 +201,7 @@ class FastSweep(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         need = ctx.needs_input_grad[:5]
         if grad.shape[0] == 1:  # a single line: the sweep is the identity, the weights are unused
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None
         with _no_autocast(grad):
             if ctx.cpp:
                 x_g, out_g, saved, w_in, w_h = ctx.saved_tensors
@@ -208,7 +211,7 @@ class FastSweep(torch.autograd.Function):
             else:
                 x, w_in, w_h, out, gates, prior = ctx.saved_tensors
                 grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -236,7 +239,8 @@ def _apply(lines, w_in, b_in, w_h, b_h, lp, use_cpp=True):
     w_in, b_in, w_h, b_h = (w.to(dtype).contiguous() for w in (w_in, b_in, w_h, b_h))
     cpp = _cpp_ops(x, use_cpp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_h, b_h)):
-        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp)
+        x_lp = lines.detach() if lp is not None and lines.dtype == lp else None
+        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp, x_lp)
     else:
         with _no_autocast(x):
             xc = x.contiguous()
