@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_sdunet.tiling import blend_window, predict_tiled, tile_starts
@@ -64,3 +65,28 @@ def test_inference_runs_a_tiles_model_at_native_size(tmp_path):
     assert np.allclose(prob, ref.numpy(), atol=1e-5)
     half = predict(loaded, img, "YXC", scale=0.5)  # objects shown at half their size
     assert half.shape == (150, 180) and not np.allclose(half, prob)
+
+
+def test_cli_scale_option_reaches_the_tiled_model(tmp_path, capsys):
+    from PIL import Image
+
+    from napari_sdunet.checkpoint import save_checkpoint
+    from napari_sdunet.cli import main
+    from napari_sdunet.models import create_model
+
+    model = create_model("unet", "nuclei", base_filters=4).eval()
+    prep = {"input_size": [32, 32], "channels": 3, "modality": "microscopy", "ct_window": None,
+            "mode": "tiles", "tile_size": [64, 64], "tile_overlap": 16}
+    folder = save_checkpoint(model, tmp_path / "m", task="nuclei", preprocessing=prep)
+    img = (np.random.default_rng(1).random((90, 120, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "im.png")
+    outs = []
+    for scale in ("1", "0.5"):
+        out = tmp_path / f"out{scale}"
+        assert main(["predict", "--model", str(folder), "--scale", scale, "-o", str(out),
+                     str(tmp_path / "im.png")]) == 0
+        outs.append(sorted(out.iterdir()))
+    assert outs[0] and outs[1]
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(folder), "--scale", "0", "-o", str(tmp_path / "x"), str(tmp_path / "im.png")])
+    assert "between 0.05 and 20" in capsys.readouterr().err

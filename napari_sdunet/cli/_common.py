@@ -47,6 +47,13 @@ def _finite(text: str) -> float:
     return v
 
 
+def _scale(text: str) -> float:
+    v = _finite(text)
+    if not 0.05 <= v <= 20:
+        raise argparse.ArgumentTypeError(f"must be between 0.05 and 20, got {text}")
+    return v
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="NAME_OR_FOLDER",
                    help="a shipped or user model name (see `napari-sdunet models`) or a checkpoint folder")
@@ -61,6 +68,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--axes", type=str.upper, choices=AXES_CHOICES, default=None,
                    help="axes of every input (YX, YXC, ZYX, TYX, TYXC); default: from the file format")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
+    p.add_argument("--scale", type=_scale, default=1.0,
+                   help="resize each image by this factor before a native-resolution (tiled) model sees it: "
+                        "2 when your objects are half the size of the training data's, 0.5 when twice (default 1)")
 
 
 def check_model_options(args: argparse.Namespace) -> None:
@@ -103,7 +113,7 @@ def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -
         data, back = reorient(vol.data, vol.affine, model_orientation(loaded))
     try:
         prob = predict(loaded, data, axes, batch_size=args.batch_size, modality=args.modality,
-                       ct_window=args.ct_window, tta=args.tta)
+                       ct_window=args.ct_window, tta=args.tta, scale=getattr(args, "scale", 1.0))
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
     return back(prob)
