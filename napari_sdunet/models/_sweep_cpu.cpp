@@ -83,6 +83,14 @@ at::Tensor pooled_empty(at::IntArrayRef shape, const at::TensorOptions& opt) {
   return t.view(shape);
 }
 
+// A contiguous copy of any (strided) tensor into a pooled buffer, converted to `dtype` on the way:
+// the sweep's input lines (a permuted view of the NCHW / channels_last state) and its gradient.
+at::Tensor pooled_copy(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor out = pooled_empty(t.sizes(), t.options().dtype(dtype));
+  out.copy_(t);
+  return out;
+}
+
 int64_t clear_pool() {
   Pool& p = pool();
   std::lock_guard<std::mutex> g(p.mu);
@@ -477,4 +485,5 @@ TORCH_LIBRARY(napari_sdunet_sweep, m) {
   m.def("backward", &sweep_backward);
   m.def("simd", &simd);
   m.def("clear_pool", &clear_pool);
+  m.def("pooled_copy", &pooled_copy);
 }

@@ -23,18 +23,24 @@ SweepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torc
 
 _IMPLS: dict[str, SweepFn] = {}
 _AVAILABLE: dict[str, Callable[[torch.Tensor], bool]] = {}
+#: implementations that take strided lines (they make their own contiguous copy, in one pass with
+#: the dtype conversion and into a recycled buffer)
+_STRIDED: set[str] = set()
 #: Preference order for impl="auto": the first available implementation wins.
 AUTO_ORDER: list[str] = ["loop"]
 
 
 def register_sweep(name: str, fn: SweepFn, available: Callable[[torch.Tensor], bool] | None = None,
-                   priority: int | None = None) -> None:
+                   priority: int | None = None, strided: bool = False) -> None:
     """Register a lines-major sweep implementation.
 
     ``available(x)`` says whether it can run on tensor ``x`` (device, dtype, grad mode); ``priority``
-    inserts it at that index of :data:`AUTO_ORDER` (None: not used by "auto").
+    inserts it at that index of :data:`AUTO_ORDER` (None: not used by "auto"); ``strided``: it accepts
+    non-contiguous lines.
     """
     _IMPLS[name] = fn
+    if strided:
+        _STRIDED.add(name)
     _AVAILABLE[name] = available or (lambda x: True)
     if priority is not None and name not in AUTO_ORDER:
         AUTO_ORDER.insert(priority, name)
@@ -143,5 +149,7 @@ def sweep(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Te
           b_h: torch.Tensor, direction: int, impl: str = "auto") -> torch.Tensor:
     """Apply one directional sweep to an NCHW state tensor ``x`` of S channels."""
     name = pick_impl(x, impl)
-    lines = to_lines(x, direction).contiguous()
+    lines = to_lines(x, direction)
+    if name not in _STRIDED:
+        lines = lines.contiguous()
     return from_lines(_IMPLS[name](lines, w_in, b_in, w_h, b_h), direction)

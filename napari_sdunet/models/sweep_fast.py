@@ -186,7 +186,7 @@ class FastSweep(torch.autograd.Function):
             ctx.lp, ctx.cpp = lp, cpp
             if cpp:
                 # the bf16 GEMM copy of the input: the caller's own bf16 tensor under autocast
-                x_g = (x_lp if x_lp is not None else x.to(lp)).contiguous() if lp else x
+                x_g = (x_lp if x_lp is not None else cpp.pooled_copy(x, lp)) if lp else x
                 ctx.dnnl = lp is None and x.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
                 out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None, ctx.dnnl)
                 # backward reads only the GEMM-dtype copies of input and state (bf16 with lp)
@@ -205,13 +205,26 @@ class FastSweep(torch.autograd.Function):
         with _no_autocast(grad):
             if ctx.cpp:
                 x_g, out_g, saved, w_in, w_h = ctx.saved_tensors
-                g = grad.to(w_in.dtype).contiguous()
+                g = grad if grad.is_contiguous() and grad.dtype == w_in.dtype else ctx.cpp.pooled_copy(grad, w_in.dtype)
                 grads = ctx.cpp.backward(g, x_g, out_g, saved, w_in, w_h, need[1], need[3], ctx.dnnl)
                 grads = [d if n else None for d, n in zip(grads, need)]
             else:
                 x, w_in, w_h, out, gates, prior = ctx.saved_tensors
                 grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
         return (*grads, None, None, None)
+
+
+class _PooledCopy(torch.autograd.Function):
+    """``lines.to(dtype).contiguous()`` into a recycled buffer of the C++ kernels; gradient: the reverse."""
+
+    @staticmethod
+    def forward(ctx, lines, dtype, cpp):  # noqa: D102
+        ctx.dtype = lines.dtype
+        return cpp.pooled_copy(lines, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.to(ctx.dtype), None, None
 
 
 def _no_autocast(x: torch.Tensor):
@@ -235,17 +248,24 @@ def _apply(lines, w_in, b_in, w_h, b_h, lp, use_cpp=True):
     dtype = torch.float64 if lines.dtype == torch.float64 else torch.float32  # state and gate dtype
     if dtype == torch.float64:
         lp = None  # bf16 operands with a float64 state make no sense: stay exact
-    x = lines.to(dtype)
     w_in, b_in, w_h, b_h = (w.to(dtype).contiguous() for w in (w_in, b_in, w_h, b_h))
-    cpp = _cpp_ops(x, use_cpp)
+    cpp = _cpp_ops(lines, use_cpp)
+    if cpp is not None and not (lines.is_contiguous() and lines.dtype == dtype):
+        # one pass: permute to lines-major, convert, into a recycled buffer (no page faults)
+        x = _PooledCopy.apply(lines, dtype, cpp)
+    else:
+        x = lines.to(dtype).contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_h, b_h)):
-        x_lp = lines.detach() if lp is not None and lines.dtype == lp else None
+        x_lp = lines.detach() if lp is not None and lines.dtype == lp and lines.is_contiguous() else None
+        if lp is not None and cpp is not None and x_lp is None and lines.dtype == lp:
+            x_lp = cpp.pooled_copy(lines.detach(), lp)
         y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp, x_lp)
     else:
         with _no_autocast(x):
             xc = x.contiguous()
             if cpp:
-                x_g = lines.to(lp).contiguous() if lp else xc
+                x_g = (cpp.pooled_copy(lines, lp) if lines.dtype != lp or not lines.is_contiguous()
+                       else lines) if lp else xc
                 dnnl = lp is None and xc.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
                 out = cpp.forward(xc, x_g, w_in, b_in, w_h, b_h, False, lp is not None, dnnl)[0]
             else:
@@ -407,7 +427,7 @@ def _cpu_bf16(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _reduced(x) and bf16_gemm_pays()
 
 
-register_sweep("fast", sweep_fast, priority=0, available=_cpu_fast)
-register_sweep("fast_bf16", sweep_fast_bf16, priority=0, available=_cpu_bf16)
-register_sweep("fast_py", sweep_fast_py, available=_cpu_fast)
-register_sweep("fast_py_bf16", sweep_fast_py_bf16, available=_cpu_fast)
+register_sweep("fast", sweep_fast, priority=0, available=_cpu_fast, strided=True)
+register_sweep("fast_bf16", sweep_fast_bf16, priority=0, available=_cpu_bf16, strided=True)
+register_sweep("fast_py", sweep_fast_py, available=_cpu_fast, strided=True)
+register_sweep("fast_py_bf16", sweep_fast_py_bf16, available=_cpu_fast, strided=True)
