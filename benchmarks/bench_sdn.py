@@ -135,6 +135,8 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
     rows = []
     for size in args.sizes:
         x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device)
+        if args.layout == "channels_last":  # as in the training campaign: the SDN state is NHWC
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         impls = [i for i in args.impls if i != "naive" or size < args.naive_below]
         for impl in impls:
             for backward in (False, True):
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", nargs="+", default=None,
                     help="sweep implementations (names ending in _bf16 run bf16 GEMM operands; default: "
                          "naive fast_py fast fast_py_bf16 fast_bf16 on CPU)")
+    ap.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last",
+                    help="memory layout of the swept state (the campaign trains channels_last)")
     ap.add_argument("--naive-below", type=int, default=96, help="time the naive loop only below this size")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after a warm-up) below 96x96")
     ap.add_argument("--repeats-96", type=int, default=1, help="timed repeats at 96x96 and above")
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {p} | {n}² | {args.batch * n} | {v['fwd']:.0f} | {v['fwd+bwd']:.0f} | "
               + " | ".join(f"{x:.0f}" for k, x in v.items() if k not in ("fwd", "fwd+bwd")) + " |")
     print()
-    print(f"Sweep, 2 directions, S={args.state}, B={args.batch}, fp32 inputs (best of repeats):")
+    print(f"Sweep, 2 directions, S={args.state}, B={args.batch}, fp32 {args.layout} inputs (best of repeats):")
     print()
     print("| map | impl | GEMM operands | pass | time (s) | GFLOP/s | % of same-shape GEMM | vs naive |")
     print("|---|---|---|---|---:|---:|---:|---:|")
