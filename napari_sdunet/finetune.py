@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
 DEFAULT_STEPS = 400
 DEFAULT_TIME_BUDGET_S = 240.0
 DEFAULT_PATIENCE = 8
-DEFAULT_LR = 3e-4
+DEFAULT_LR = 1e-4
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_VAL_FRACTION = 0.2
 #: share of the base model's weights in the saved model: w = b·w_base + (1 - b)·w_finetuned
@@ -509,6 +509,7 @@ def finetune(
         limits = [f"{total} steps" if total < 10**9 else None,
                   f"{time_budget_s:.0f} s in all" if time_budget_s is not None else None]
         status(f"fine-tuning on {dev} for at most {' or '.join(x for x in limits if x)}")
+        base_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         frozen = freeze_batchnorm_stats(net) if freeze_bn else []
         try:
             fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
@@ -524,6 +525,12 @@ def finetune(
         status("measuring Dice after fine-tuning")
         net.to(dev)
         dice_after = evaluate_dice(net, measure_set, eval_bs, dev)
+        kept_base = False
+        if val_set is not None and dice_after < dice_before:
+            # fit keeps its best validation, but never compares it with the base model's (step 0):
+            # the held-out frames say the base is better, so the base weights are what is saved
+            net.load_state_dict(base_state)
+            dice_after, kept_base = dice_before, True
 
         per_source: dict[str, list[int]] = {}
         for f in train_frames + val_frames:
@@ -540,10 +547,11 @@ def finetune(
             "steps": fit_res.steps,
             "stopped_by": ("time budget" if fit_res.cancelled else "no better held-out Dice (patience)"
                            if fit_res.stopped_early else "steps"),
+            "kept": "base weights (no step beat them on the held-out frames)" if kept_base else "best step",
             "time_budget_s": time_budget_s,
             "patience": patience,
             "base_weight": base_weight,
-            "best_step": fit_res.best_step,
+            "best_step": 0 if kept_base else fit_res.best_step,
             "lr": lr,
             "batch_size": batch_size,
             "trainable": trainable,
@@ -564,7 +572,7 @@ def finetune(
                                extra={"finetune": info}, card=card)
         return FinetuneResult(path, dice_before, dice_after, dice_on, len(train_frames), len(val_frames),
                               fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, False, fit_res.history,
-                              info["stopped_by"], fit_res.best_step)
+                              info["stopped_by"], info["best_step"])
     finally:  # free the accelerator's memory whatever happened
         net.to("cpu")
         del net

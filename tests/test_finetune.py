@@ -345,3 +345,24 @@ def test_unwritable_output_fails_before_training(tmp_path, base_model, monkeypat
         finetune(base_model, _random_pairs(2), tmp_path / "ro" / "model", device="cpu", on_progress=seen.append)
     assert seen == []  # refused before the Dice before / any training step
     assert not (tmp_path / "ro").exists()
+
+
+def test_base_weights_are_kept_when_no_step_beats_them(tmp_path, base_model, monkeypatch):
+    """fit keeps its best validation step but never compares it with the base model (step 0); when the
+    held-out frames score the base higher, the saved model is the base."""
+    import napari_sdunet.train_loop as tl
+
+    def ruinous_fit(model, train_set, val_set, cfg, **kwargs):
+        with torch.no_grad():
+            model.head.bias.fill_(50.0)  # predicts foreground everywhere
+        return tl.FitResult(0.0, 3, 3, False, False, 0.1, [])
+
+    monkeypatch.setattr(tl, "fit", ruinous_fit)
+    pairs = [(np.full((40, 40), 20, np.uint8), np.zeros((40, 40), np.uint8)) for _ in range(4)]  # nothing there
+    res = finetune(base_model, pairs, tmp_path / "kept", steps=3, device="cpu")
+    assert res.dice_before > 0.5  # the base finds nothing, rightly
+    assert res.dice_after == res.dice_before and res.best_step == 0
+    info = read_config(res.path)["finetune"]
+    assert info["kept"].startswith("base weights") and info["best_step"] == 0
+    tuned, base = _weights(res.path), _weights(base_model)
+    assert all(torch.equal(tuned[k], base[k]) for k in base)

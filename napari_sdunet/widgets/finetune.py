@@ -374,8 +374,10 @@ class FinetuneWidget(Container):
         self.result.value = (f"Dice on {result.n_val or result.n_train} {where} frame(s): "
                              f"before {result.dice_before:.3f} → after {result.dice_after:.3f}\n"
                              f"saved as {result.path.name} in {result.path.parent}\n"
-                             f"({result.steps} steps, stopped by {result.stopped_by}, weights of step "
-                             f"{result.best_step} kept; {result.total_seconds:.0f} s in all){verdict}")
+                             f"({result.steps} steps, stopped by {result.stopped_by}; "
+                             + (f"weights of step {result.best_step} kept" if result.best_step else
+                                "no step beat the base model on the held-out frames: its weights were kept")
+                             + f"; {result.total_seconds:.0f} s in all){verdict}")
         self.runner.status.value = f"done: saved {result.path}"
         self.refresh_model_lists()
 
