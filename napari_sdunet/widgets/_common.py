@@ -107,6 +107,7 @@ class ModelPicker(Container):
         self.manual = False  # the user picked the model by hand: preselection stops following layers
         self.combo = ComboBox(label=label, choices=self._choices, nullable=True)
         self.why = Label(label="", value="")
+        self.why.native.setWordWrap(True)  # reasons can be long; never widen the dock for them
         self.refresh_button = PushButton(text="Refresh")
         self.folder = FileEdit(label="checkpoint", mode="d", tooltip="a checkpoint folder (config.json + "
                                "model.safetensors) to add to the model list")
@@ -286,8 +287,18 @@ class _CloseWatcher:
                     on_close()
                 return False
 
+        import warnings
+
+        from qtpy.QtWidgets import QApplication
+
         self.filter = Filter()
-        viewer.window._qt_window.installEventFilter(self.filter)  # no reference kept to the window
+        with warnings.catch_warnings():  # napari has no public "window closing" hook (0.9)
+            warnings.simplefilter("ignore", FutureWarning)
+            window = getattr(viewer.window, "_qt_window", None)
+        if window is not None:
+            window.installEventFilter(self.filter)  # no reference kept to the window
+        else:  # a napari without it: at least stop every job before the application quits
+            QApplication.instance().aboutToQuit.connect(on_close)
 
 
 class JobRunner(Container):

@@ -71,11 +71,11 @@ def task_of_layer(layer: Any) -> tuple[str | None, str]:
         r, g, b = (float(rgbv[..., i].mean()) for i in range(3))
         spread = float(np.abs(rgbv[..., 0] - rgbv[..., 2]).mean() + np.abs(rgbv[..., 0] - rgbv[..., 1]).mean())
         if spread < 1e-3 * max(1.0, float(np.abs(rgbv).max())):
-            return "nuclei", "grey image stored as colour (microscopy)"
+            return "nuclei", "grey image (microscopy)"
         if (r + 1e-6) / (b + 1e-6) >= RED_OVER_BLUE:
             video = len(shape) == 4
             return "polyps", ("colour video (colonoscopy)" if video else "reddish colour frame (colonoscopy)")
-        return "nuclei", "colour image that is not reddish (stained tissue, microscopy)"
+        return "nuclei", "stained tissue colours (microscopy)"
     return "nuclei", f"{len(shape)}-D grey image (microscopy)"
 
 
@@ -92,7 +92,7 @@ def preselect(layer: Any, available: list[str]) -> tuple[str | None, str]:
     if task is not None:
         best = best_shipped_for_task(task)
         if best is not None and best in available:
-            return best, f"{why_task} → {task}; best validation Dice of the shipped {task} models"
+            return best, f"{task}: {why_task}; best-validating shipped {task} model"
     shipped = [n for n in list_pretrained() if n in available]
     if shipped:
         return shipped[0], "no rule applies: the first shipped model"

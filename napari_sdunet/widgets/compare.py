@@ -96,6 +96,7 @@ class CompareWidget(Container):
         self.table = Table(value={"data": [], "index": [], "columns": COLUMNS})
         self.table.read_only = True
         self.table.min_height = 220  # room for a few per-slice rows
+        self._plain_cells()
         self.export_path = FileEdit(label="table file", mode="w", filter="*.csv", value="",
                                     tooltip="a .csv file for the table (scores with four fixed decimals)")
         self.export_button = PushButton(text="Save table")
@@ -115,6 +116,30 @@ class CompareWidget(Container):
         viewer.layers.events.removed.connect(self._layer_removed)
         viewer.layers.events.inserted.connect(self._default_choice)
         self._default_choice()
+
+    def _plain_cells(self) -> None:
+        """Show the cells as the widget formats them: magicgui's table delegate re-reads numbers and
+        writes anything below 0.1 in scientific notation (0.0257 -> 2.570e-02)."""
+        from qtpy.QtWidgets import QStyledItemDelegate, QTableWidget
+
+        view = self.table.native
+        if not isinstance(view, QTableWidget):
+            view = view.findChild(QTableWidget)
+        if view is not None:
+            self._delegate = QStyledItemDelegate(view)
+            view.setItemDelegate(self._delegate)
+
+    def displayed_cells(self) -> list[list[str]]:
+        """The cell texts as they appear on screen (for tests and scripts)."""
+        from qtpy.QtCore import QLocale
+        from qtpy.QtWidgets import QTableWidget
+
+        view = self.table.native
+        if not isinstance(view, QTableWidget):
+            view = view.findChild(QTableWidget)
+        delegate = view.itemDelegate()
+        return [[delegate.displayText(view.item(r, c).data(0), QLocale()) for c in range(view.columnCount())]
+                for r in range(view.rowCount())]
 
     def _default_choice(self, _event: Any = None) -> None:
         """Propose a prediction different from the reference when there are two Labels layers."""

@@ -104,6 +104,8 @@ def test_small_scores_are_fixed_decimals_in_table_layer_name_and_export(make_nap
     assert w.compare()
     cells = [str(c) for row in w.table.data for c in row]
     assert "0.0197" in cells and not any("e-" in c for c in cells)
+    shown = [c for row in w.displayed_cells() for c in row]  # what the screen shows, not just the data
+    assert shown[:4] == ["0.0197", "0.0100", "0.7647", "0.0100"] and not any("e-" in c for c in shown)
     assert "Dice 0.0197" in w.summary.value and "e-" not in w.summary.value
     assert w.overlay.name.endswith("Dice 0.020") and "e-" not in w.overlay.name
     with pytest.raises(ValueError, match="nothing to save"):

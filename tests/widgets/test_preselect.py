@@ -92,7 +92,7 @@ def test_segment_preselects_for_each_sample(make_napari_viewer, shipped, sample)
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     w = SegmentWidget(viewer)
     assert w.models.model == shipped[SAMPLE_TASK[sample]]
-    assert SAMPLE_TASK[sample] in w.models.why.value and "best validation" in w.models.why.value
+    assert SAMPLE_TASK[sample] in w.models.why.value and "best-validating" in w.models.why.value
     assert not w.models.manual
 
 
