@@ -238,6 +238,7 @@ class FinetuneWidget(Container):
         self.run_button = PushButton(text="Fine-tune")
         self.runner = FinetuneRunner(self.run_button, viewer)
         self.result = Label(label="result", value="")
+        self.result.native.setWordWrap(True)
         super().__init__(widgets=[
             self.pairs, self.add_pair_button, self.models, self.length_unit, self.length, self.time_budget, self.lr,
             self.batch_size, self.trainable, self.augment, self.freeze_bn, self.val_mode, self.val_fraction,
@@ -364,6 +365,7 @@ class FinetuneWidget(Container):
     def _finished(self, result: Any) -> None:
         self._update_plot()
         self.last_result = result
+        self.runner.progress.value = self.runner.progress.max  # the run is over, whatever ended it
         if result.cancelled:
             self.runner.status.value = "cancelled: nothing was saved"
             self.result.value = "cancelled"
@@ -371,14 +373,15 @@ class FinetuneWidget(Container):
         where = "held-out" if result.dice_on == "validation" else "training (no frame held out)"
         verdict = ("" if result.dice_after > result.dice_before else
                    "\nno gain: try more labelled frames, more time or another learning rate")
+        kept = (f"kept step {result.best_step}" if result.best_step else
+                "kept the base weights (no step beat them)")
         self.result.value = (f"Dice on {result.n_val or result.n_train} {where} frame(s): "
                              f"before {result.dice_before:.3f} → after {result.dice_after:.3f}\n"
-                             f"saved as {result.path.name} in {result.path.parent}\n"
-                             f"({result.steps} steps, stopped by {result.stopped_by}; "
-                             + (f"weights of step {result.best_step} kept" if result.best_step else
-                                "no step beat the base model on the held-out frames: its weights were kept")
-                             + f"; {result.total_seconds:.0f} s in all){verdict}")
-        self.runner.status.value = f"done: saved {result.path}"
+                             f"saved as {result.path.name} (your models)\n"
+                             f"{result.steps} steps in {result.total_seconds:.0f} s, {kept}\n"
+                             f"stopped by {result.stopped_by}{verdict}")
+        self.result.tooltip = str(result.path)
+        self.runner.status.value = f"done: saved {result.path.name}"
         self.refresh_model_lists()
 
     def refresh_model_lists(self) -> None:

@@ -26,6 +26,27 @@ def test_demo_segments_the_polyp_sample_with_a_shipped_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_napari_sh_segment_gives_a_good_result_with_no_other_choice(tmp_path):
+    """`./scripts/napari.sh --segment`: the default sample, the preselected model, the Compare overlay."""
+    import os
+    import re
+
+    from napari_sdunet.zoo import best_shipped_for_task
+
+    if best_shipped_for_task("nuclei") is None:
+        pytest.skip("no shipped nuclei model in napari_sdunet/weights")
+    shot = tmp_path / "demo.png"
+    env = {**os.environ, "NAPARI_SDUNET_SETTINGS": str(tmp_path / "settings.json")}
+    r = subprocess.run([sys.executable, "-m", "napari_sdunet.demo", "--segment", "--screenshot", str(shot), "--quit"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"model: {best_shipped_for_task('nuclei')} (" in r.stdout
+    dice = float(re.search(r"Compare: Dice (\d\.\d+)", r.stdout).group(1))
+    assert dice >= 0.8, r.stdout
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_training_step_after_viewer_is_up_does_not_crash(tmp_path):
     """Adam.step imports torch._dynamo, which loads triton when installed; the widgets prevent that
     without CUDA, since triton after Mesa's llvmpipe crashes the process."""

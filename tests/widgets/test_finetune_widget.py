@@ -84,6 +84,7 @@ def test_finetune_from_layers_saves_a_user_model_listed_everywhere(make_napari_v
     assert "sequence 1 / corrected" in (res.path / "README.md").read_text()
     assert "before" in w.result.value and "after" in w.result.value
     assert "saved as polyps-mine" in w.result.value and "stopped by steps" in w.result.value
+    assert w.result.tooltip == str(res.path)
     # the live plot got the Dice before (step 0), the losses and the validation Dice
     assert w.plot.dice[0] == (0, pytest.approx(res.dice_before)) and len(w.plot.loss) == 6
     # listed at once here and in the docked Segment widget
@@ -195,7 +196,7 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, er
         w.length.value = 8
         w.batch_size.value = 2
     w.native.setMaximumWidth(470)
-    viewer.window.resize(1280, 1000)
+    viewer.window.resize(1280, 1100)
     viewer.dims.set_current_step(0, 3)
     w.model_name.value = "polyps-sequence-1"
     w.run()
