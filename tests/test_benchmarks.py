@@ -27,3 +27,12 @@ def test_bench_sdn_reports_host_and_same_shape_gemm_percentages(capsys, one_torc
     got = {(r["precision"], r["impl"]) for r in res["sweeps"]}
     assert {("fp32", "fast"), ("bf16", "fast_bf16")} <= got
     assert all(r["pct_gemm"] > 0 for r in res["sweeps"])
+
+
+def test_bench_inference_times_predict_on_image_and_volume(capsys, one_torch_thread):
+    from benchmarks.bench_inference import main as bench_inference
+
+    bench_inference(["--models", "sdunet-nuclei", "sdunet-liver", "--image", "48", "--volume", "32", "32", "2",
+                     "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| sdunet-nuclei | 48x48x3 uint8 (YXC) |" in out and "| sdunet-liver | 2x32x32 int16 (ZYX) |" in out
