@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -63,8 +64,12 @@ at::Tensor pooled_empty(at::IntArrayRef shape, const at::TensorOptions& opt) {
   const int64_t nbytes = n * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opt.dtype())));
   Pool& p = pool();
   std::lock_guard<std::mutex> g(p.mu);
+  // a buffer made under torch.inference_mode is an inference tensor: it may only be handed out again
+  // in inference mode (and a normal one only outside), else autograd refuses it (segment, then fine-tune)
+  const bool inference = c10::InferenceMode::is_enabled();
   for (auto& t : p.items) {
-    if (t.storage().use_count() == 1 && t.dtype() == opt.dtype() && t.numel() >= n && t.numel() <= n + n / 4)
+    if (t.storage().use_count() == 1 && t.dtype() == opt.dtype() && t.is_inference() == inference &&
+        t.numel() >= n && t.numel() <= n + n / 4)
       return t.narrow(0, 0, n).view(shape);
   }
   at::Tensor t = at::empty({n}, opt);

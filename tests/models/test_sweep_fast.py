@@ -214,3 +214,17 @@ def test_pooled_buffers_are_not_reused_while_held():
             first = [g.clone() for g in grads]
     for a, b in zip(grads, first):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pooled_buffers_from_inference_mode_are_not_reused_for_training():
+    # segment (inference_mode), then fine-tune (autograd) in one process: the user's path
+    x, params = _setup(8, (5, 6), dtype=torch.float32)
+    x = x.detach()
+    with torch.inference_mode():
+        sweep(x, *params, 0, impl="fast")
+        sweep(x, *params, 0, impl="fast_bf16")
+    for impl in ("fast", "fast_bf16"):
+        xr = x.clone().requires_grad_()
+        y = sweep(sweep(xr, *params, 0, impl=impl), *params, 2, impl=impl)
+        grads = torch.autograd.grad(y.square().sum(), [xr, *params])
+        assert all(not g.is_inference() and torch.isfinite(g).all() for g in grads)
