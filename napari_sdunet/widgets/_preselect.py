@@ -81,19 +81,29 @@ def task_of_layer(layer: Any) -> tuple[str | None, str]:
 
 def preselect(layer: Any, available: list[str]) -> tuple[str | None, str]:
     """``(model_ref, why)``: the model to preselect for ``layer`` among the ``available`` references."""
+    from pathlib import Path
+
     from ..settings import remembered
     from ..zoo import best_shipped_for_task, list_pretrained
 
     task, why_task = task_of_layer(layer)
     if layer is not None:
         ref, why = remembered(layer, task)
-        if ref is not None and ref in available:
-            return ref, why
+        if ref is not None and (ref in available or (Path(ref) / "config.json").is_file()):
+            return ref, why  # a listed model, or a checkpoint folder chosen by hand that still exists
     if task is not None:
         best = best_shipped_for_task(task)
         if best is not None and best in available:
             return best, f"{task}: {why_task}; best-validating shipped {task} model"
     shipped = [n for n in list_pretrained() if n in available]
     if shipped:
-        return shipped[0], "no rule applies: the first shipped model"
+        from ..zoo import summary_of
+
+        def val(name: str) -> float:
+            v = summary_of(name)["val_dice"]
+            return -1.0 if v is None else v
+
+        best = max(shipped, key=val)
+        return best, ("no image layer yet: the best-validating shipped model" if layer is None
+                      else "no rule applies: the best-validating shipped model")
     return (available[0], "the first model listed") if available else (None, "no model available")

@@ -155,6 +155,23 @@ def test_remembered_choice_survives_a_restart(make_napari_viewer, qtbot, shipped
     assert w2.models.model == shipped["nuclei"]
 
 
+def test_remembered_checkpoint_folder_is_preselected_again(make_napari_viewer, qtbot, tmp_path, shipped, errors):
+    folder = make_checkpoint(tmp_path / "elsewhere" / "my-ct-model", task="liver")
+    viewer = make_napari_viewer()
+    data, kwargs, _ = load_sample("ct")[0]
+    viewer.add_image(data, **kwargs)
+    w = SegmentWidget(viewer)
+    w.models.add_folder(folder)  # Choose directory
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    assert errors == []
+    viewer2 = make_napari_viewer()
+    viewer2.add_image(data, **kwargs)
+    w2 = SegmentWidget(viewer2)
+    assert w2.models.model == str(folder.resolve()) and "(folder)" in dict(
+        (ref, label) for label, ref in w2.models.listed())[str(folder.resolve())]
+
+
 def test_broken_settings_file_is_ignored(make_napari_viewer, shipped):
     from napari_sdunet import settings
 
