@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 APT_PKGS=(xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 libgl1 libegl1
-          libdbus-1-3 libfontconfig1)
+          libdbus-1-3 libfontconfig1 g++ ninja-build)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -27,3 +27,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC" -r scripts/requirements-dev.txt -e .
   echo "$want" > "$stamp"
 fi
+# Build the fused C++ SDN sweep now (about 30 s, once per machine) rather than on the first Segment;
+# without a compiler the package falls back to the slower pure-torch sweep.
+.venv/bin/python -m napari_sdunet.models.sweep_cpp >/dev/null 2>&1 || echo ">> note: the C++ sweep did not build; using the pure-torch sweep"
