@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-weight", type=float, default=ft.DEFAULT_BASE_WEIGHT,
                     help="share of the base weights mixed back in after training (WiSE-FT)")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
+    ap.add_argument("--augment-intensity", type=float, default=0.1, help="brightness/contrast jitter")
+    ap.add_argument("--augment-gamma", action="store_true", help="also a gamma jitter")
     ap.add_argument("--update-bn", dest="freeze_bn", action="store_false")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--work", default="/tmp/napari-sdunet-finetune-shifts", help="scratch folder")
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         res = ft.finetune(base, data, out, steps=args.steps or None, time_budget_s=args.time_budget or None,
                           patience=args.patience or None, lr=args.lr, batch_size=args.batch_size,
                           trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
-                          base_weight=args.base_weight, val_fraction=args.val_fraction, device="cpu",
+                          base_weight=args.base_weight, augment_intensity=args.augment_intensity,
+                          augment_gamma=args.augment_gamma, val_fraction=args.val_fraction, device="cpu",
                           on_progress=lambda p, v=vals: p.kind == "val" and v.append((p.step, round(p.val_dice, 4))))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         # scored after fine-tuning: the fused C++ sweep's buffer pool hands tensors made under
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             "shift": shift, "what": what, "base": base, "tag": args.tag, "steps_cap": args.steps,
             "time_budget_s": args.time_budget, "patience": args.patience, "lr": args.lr,
             "batch_size": args.batch_size, "trainable": args.trainable, "base_weight": args.base_weight,
-            "augment": args.augment,
+            "augment": args.augment, "augment_intensity": args.augment_intensity,
+            "augment_gamma": args.augment_gamma,
             "freeze_bn": args.freeze_bn, "threads": torch.get_num_threads(),
             "dice_before": before["dice"], "dice_before_sd": before["dice_sd"],
             "dice_after": after["dice"], "dice_after_sd": after["dice_sd"],

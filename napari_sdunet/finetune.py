@@ -384,6 +384,8 @@ def finetune(
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
     patience: int | None = DEFAULT_PATIENCE,
     base_weight: float = DEFAULT_BASE_WEIGHT,
+    augment_intensity: float = 0.1,
+    augment_gamma: bool = False,
     lr: float = DEFAULT_LR,
     batch_size: int = DEFAULT_BATCH_SIZE,
     trainable: str = "all",
@@ -410,6 +412,7 @@ def finetune(
     measure and save within it); any of them may be None, not all. ``patience`` stops after that many
     validations in a row without a better held-out Dice (None: never). ``base_weight`` mixes the base
     model's weights back in (0: the fine-tuned weights as trained; 0.5: halfway).
+    ``augment_intensity`` / ``augment_gamma``: the brightness/contrast jitter (±10 %) and a gamma jitter.
     ``freeze_bn`` keeps the base model's BatchNorm statistics (recommended for a few
     frames). ``on_progress`` gets the training loop's :class:`~napari_sdunet.train_loop.Progress`
     reports, starting with a ``"val"`` report at step 0 that holds the Dice before fine-tuning.
@@ -512,7 +515,9 @@ def finetune(
         base_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         frozen = freeze_batchnorm_stats(net) if freeze_bn else []
         try:
-            fit_res = fit(net, Augmented(train_set) if augment else train_set, val_set, cfg, device=dev,
+            train_data = (Augmented(train_set, intensity=augment_intensity, gamma=augment_gamma) if augment
+                          else train_set)
+            fit_res = fit(net, train_data, val_set, cfg, device=dev,
                           on_progress=on_progress, should_stop=stop)
         finally:
             unfreeze_batchnorm(frozen)
