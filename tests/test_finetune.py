@@ -368,12 +368,9 @@ def test_base_weights_are_kept_when_no_step_beats_them(tmp_path, base_model, mon
     assert all(torch.equal(tuned[k], base[k]) for k in base)
 
 
-@pytest.mark.xfail(strict=False, reason="the fused C++ SDN sweep (napari_sdunet/models/_sweep_cpu.cpp, fast path) "
-                   "keeps tensors made under torch.inference_mode while segmenting and reuses them in the "
-                   "fine-tuning's forward: 'Inplace update to inference tensor outside InferenceMode'; passes "
-                   "with NAPARI_SDUNET_NO_CPP=1; to be fixed in models/")
 def test_finetune_after_segmenting_with_an_sdn_model(tmp_path):
-    """Segment, then Fine-tune, in one napari session: the user's path."""
+    """Segment, then Fine-tune, in one napari session: the user's path. (The fused C++ SDN sweep once
+    reused buffers made under torch.inference_mode in the fine-tuning's forward; fixed in 750d710.)"""
     from napari_sdunet.inference import segment
     from napari_sdunet.zoo import list_pretrained
 
