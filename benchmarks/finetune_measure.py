@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                    val_fraction=args.val_fraction, val_split=args.val_split, device="cpu",
                    on_status=lambda s: print(f"  {s}", flush=True))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    # scored after fine-tuning: predict() runs under inference_mode, and the fused C++ sweep's buffer pool
-    # would hand its tensors to the fine-tuning's backward (which torch refuses)
+    # the base is scored after fine-tuning, as in finetune_shifts.py
     before = evaluate(base, eval_img, eval_mask)
     print(f"before: Dice {before['dice']:.4f} ± {before['dice_sd']:.4f} on {before['n']} held-out frames", flush=True)
     after = evaluate(str(out), eval_img, eval_mask)

@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                           augment_gamma=args.augment_gamma, val_fraction=args.val_fraction, device="cpu",
                           on_progress=lambda p, v=vals: p.kind == "val" and v.append((p.step, round(p.val_dice, 4))))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        # scored after fine-tuning: the fused C++ sweep's buffer pool hands tensors made under
-        # inference_mode (predict) to a later backward, which torch refuses (reported; models/ is not ours)
+        # the base is scored after fine-tuning (the fine-tuning's wall time is measured in a process that
+        # has not segmented yet, as when the widget's first action is Fine-tune)
         before = score(base, shift, eval_data, groups)
         print(f"  before: Dice {before['dice']:.4f} ± {before['dice_sd']:.4f}"
               + (f", 3-D {before['dice_3d']:.4f}" if "dice_3d" in before else "")
