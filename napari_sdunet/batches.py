@@ -56,8 +56,9 @@ class AugmentConfig:
 class BatchSource:
     """Batches of ``(x (B,C,h,w) float in [0,1], y (B,1,h,w) {0,1})`` for :func:`train_loop.fit`.
 
-    ``images``/``masks``: a uint8 tensor (N,C,H,W) / (N,1,H,W), or lists of (C,H,W) / (1,H,W)
-    uint8 tensors of any sizes. ``patch``: the training size (h, w); None: the stored frame size
+    ``images``/``masks``: a tensor (N,C,H,W) / (N,1,H,W), or lists of (C,H,W) / (1,H,W) tensors of
+    any sizes; images uint8 (scaled by 1/255) or float in [0, 1], masks non-zero = foreground.
+    ``patch``: the training size (h, w); None: the stored frame size
     (all frames must then share it). Each epoch visits every item once in a random order.
     """
 
@@ -116,16 +117,36 @@ class BatchSource:
             x, y = _window(im, mk, (wh, ww), g)
             xs.append(x)
             ys.append(y)
-        x = torch.stack(xs).float().div_(255.0)
-        y = torch.stack(ys).float()
-        if y.max() > 1:
-            y = (y > 0).float()
+        x = torch.stack(xs).float()
+        if xs[0].dtype == torch.uint8:  # stored as 8-bit: to [0, 1]; float images are already there
+            x = x.div_(255.0)
+        y = (torch.stack(ys) > 0).float()
         # 2. one affine resampling for the batch: zoom, shift inside the window, flip/rotate
         if aug.geometric or (wh, ww) != (ph, pw):
             x, y = _resample(x, y, (ph, pw), aug, g)
         # 3. intensity jitter on the image only
         x = jitter_intensity(x, aug, g)
         return x.contiguous(), y.contiguous()
+
+
+def center_crops(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], size: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The central ``size`` x ``size`` square of each image and mask (reflect-padded when smaller),
+    stacked: a fixed-size validation set from images of any sizes, cheap and the same every time."""
+    xs, ms = [], []
+    for im, mk in zip(images, masks, strict=True):
+        h, w = im.shape[-2:]
+        if h < size or w < size:
+            ph, pw = max(0, size - h), max(0, size - w)
+            pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            im = F.pad(im[None].float(), pads, mode=mode)[0].to(im.dtype)
+            mk = F.pad(mk[None].float(), pads, mode=mode)[0].to(mk.dtype)
+            h, w = im.shape[-2:]
+        top, left = (h - size) // 2, (w - size) // 2
+        xs.append(im[:, top:top + size, left:left + size])
+        ms.append(mk[:, top:top + size, left:left + size])
+    return torch.stack(xs), torch.stack(ms)
 
 
 def _window(im: torch.Tensor, mk: torch.Tensor, size: tuple[int, int], g: torch.Generator,

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import FinetuneError  # re-exported: napari_sdunet.finetune.FinetuneError
+
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
 
@@ -44,8 +46,6 @@ DEFAULT_BASE_WEIGHT = 0.0
 TRAINABLE = ("all", "decoder")
 
 
-class FinetuneError(ValueError):
-    """The fine-tuning cannot run as asked (no labelled frames, bad output folder, ...)."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -102,7 +102,7 @@ def labelled_frames(item: LabelledImage) -> list[Frame]:
         if bad:
             raise InputError(f"{item.name}: marked frame(s) {sorted(bad)} outside 0..{n - 1}")
         keep = sorted({i for i in range(n) if np.any(labels[i])} | marked)
-    return [Frame(np.asarray(frames[i]), labels[i] > 0, has_c, item.name, i) for i in keep]
+    return [Frame(np.asarray(frames[i]), labels[i] != 0, has_c, item.name, i) for i in keep]
 
 
 def pairs_from_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLike,
@@ -114,26 +114,44 @@ def pairs_from_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLi
     masks = {}
     for m in list_images(masks_dir):
         masks.setdefault(stem(m), m)
-    out = []
+    from .errors import SdunetError
+
+    out, skipped = [], []
     for im in sorted(list_images(images_dir), key=lambda p: natural_key(stem(p))):
         s = stem(im)
         if s not in masks:
             continue
-        vol = read_image(im)
-        mask = read_mask(masks[s])
+        try:
+            vol = read_image(im)
+            mask = read_mask(masks[s])
+        except (SdunetError, OSError) as e:  # one unreadable pair does not stop the others
+            skipped.append(f"{im.name}: {e}")
+            continue
         out.append(LabelledImage(vol.data, mask, axes or vol.axes or None, name=im.name))
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{len(skipped)} image/mask pair(s) could not be read and are skipped: "
+                      + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""), stacklevel=2)
     if not out:
-        raise FinetuneError(f"no image in {images_dir} has a mask with the same file stem in {masks_dir}")
+        raise FinetuneError(f"no readable image in {images_dir} has a mask with the same file stem in {masks_dir}"
+                            + (f" ({len(skipped)} pair(s) could not be read)" if skipped else ""))
     return out
 
 
 class FrameDataset:
-    """Frames preprocessed once to the model's input: ``(x (C,h,w) float, y (1,h,w) {0,1})``."""
+    """Frames preprocessed once to the model's input: ``(x (C,h,w) float, y (1,h,w) {0,1})``.
 
-    def __init__(self, frames: Sequence[Frame], prep: dict[str, Any]) -> None:
+    ``native``: keep each frame at its own pixel size (for models that infer in tiles at native
+    resolution, see :func:`native_training_data`) instead of resizing it to the model's input size.
+    """
+
+    def __init__(self, frames: Sequence[Frame], prep: dict[str, Any], native: bool = False) -> None:
         from .preprocess import mask_to_model, to_model_input
 
         self.frames = list(frames)
+        if native:
+            prep = dict(prep, input_size=None)
         self.x = [to_model_input(f.image, prep, channel_axis=f.has_c) for f in self.frames]
         self.y = [mask_to_model(f.mask, prep) for f in self.frames]
 
@@ -142,6 +160,32 @@ class FrameDataset:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
+
+
+#: side of the central square on which native-resolution models are scored while fine-tuning
+NATIVE_VAL_CROP = 256
+
+
+def native_training_data(train: FrameDataset, val: FrameDataset | None, prep: dict[str, Any], batch_size: int,
+                         augment: bool, intensity: float, gamma: bool, seed: int) -> tuple[Any, Any, Any]:
+    """(training batches, validation set, measuring set) for a model that infers at native scale:
+    random patches of the model's training size from the frames at their own pixel size (the
+    training campaign's :class:`~napari_sdunet.batches.BatchSource`), scored on central crops."""
+    import torch
+
+    from .batches import AugmentConfig, BatchSource, center_crops
+
+    patch = prep.get("input_size") or (128, 128)
+    aug = AugmentConfig(flips=augment, rot90=augment, intensity=intensity if augment else 0.0,
+                        gamma=0.2 if (augment and gamma) else 0.0)
+    source = BatchSource(train.x, train.y, batch_size, patch=patch, augment=aug, seed=seed)
+
+    def crops(ds: FrameDataset) -> Any:
+        x, y = center_crops(ds.x, ds.y, NATIVE_VAL_CROP)
+        return torch.utils.data.TensorDataset(x, (y > 0).float())
+
+    val_set = crops(val) if val is not None and len(val) else None
+    return source, val_set, val_set if val_set is not None else crops(train)
 
 
 VAL_SPLITS = ("end", "random")
@@ -468,9 +512,15 @@ def finetune(
     prep = dict(config.get("preprocessing") or {})
     prep["channels"] = int(getattr(net, "in_channels", prep.get("channels", 3)))
     status(f"preparing {len(train_frames)} training and {len(val_frames)} validation frames")
-    train_set = FrameDataset(train_frames, prep)
-    val_set = FrameDataset(val_frames, prep) if val_frames else None
-    measure_set = val_set if val_set is not None else train_set
+    native = prep.get("mode") == "tiles"  # the model sees images at their own pixel size
+    train_set = FrameDataset(train_frames, prep, native=native)
+    val_set = FrameDataset(val_frames, prep, native=native) if val_frames else None
+    train_data: Any = train_set
+    if native:
+        train_data, val_set, measure_set = native_training_data(
+            train_set, val_set, prep, batch_size, augment, augment_intensity, augment_gamma, seed)
+    else:
+        measure_set = val_set if val_set is not None else train_set
     dice_on = "validation" if val_set is not None else "training"
 
     if should_stop is not None and should_stop():
@@ -515,8 +565,8 @@ def finetune(
         base_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         frozen = freeze_batchnorm_stats(net) if freeze_bn else []
         try:
-            train_data = (Augmented(train_set, intensity=augment_intensity, gamma=augment_gamma) if augment
-                          else train_set)
+            if augment and not native:
+                train_data = Augmented(train_set, intensity=augment_intensity, gamma=augment_gamma)
             fit_res = fit(net, train_data, val_set, cfg, device=dev,
                           on_progress=on_progress, should_stop=stop)
         finally:

@@ -45,6 +45,9 @@ def list_user_models() -> list[str]:
 
 def resolve_model(name_or_folder: str | os.PathLike) -> Path:
     """A shipped model name, a user model name, or a checkpoint folder -> its folder."""
+    if not isinstance(name_or_folder, (str, os.PathLike)) or not str(name_or_folder).strip():
+        raise CheckpointError(f"a model is a name (see `napari-sdunet models`) or a checkpoint folder, "
+                              f"got {name_or_folder!r}")
     p = Path(name_or_folder).expanduser()
     if (p / CONFIG).is_file():
         return p

@@ -418,13 +418,12 @@ def test_api_argument_errors_are_the_packages_own(tmp_path):
         assert str(e.value), i
 
 
-@pytest.mark.xfail(strict=True, reason="zoo.resolve_model does Path(None): needs a type check in zoo.py "
-                                        "(not this change's file; reported)")
 def test_load_pretrained_none():
     from napari_sdunet import load_pretrained
 
-    with pytest.raises(SdunetError):
-        load_pretrained(None)
+    for bad in (None, "", 3):
+        with pytest.raises(SdunetError, match="a model is a name"):
+            load_pretrained(bad)
 
 
 @pytest.fixture

@@ -381,3 +381,49 @@ def test_finetune_after_segmenting_with_an_sdn_model(tmp_path):
     pairs = [(img, (np.arange(144 * 192).reshape(144, 192) % 7 == 0).astype(np.uint8)) for _ in range(3)]
     res = finetune("sdunet-polyps", pairs, tmp_path / "after-segment", steps=2, time_budget_s=None, device="cpu")
     assert res.steps == 2
+
+
+def test_a_native_resolution_model_finetunes_on_native_patches(tmp_path, monkeypatch):
+    """A model that infers in tiles at native scale must not see its frames shrunk to its input size:
+    fine-tuning draws random patches of the input size from the frames at their own pixel size."""
+    import napari_sdunet.train_loop as tl
+    from napari_sdunet.batches import BatchSource
+
+    model = create_model("unet", task="nuclei", base_filters=4, depth=2)
+    prep = dict(TASKS["nuclei"]["preprocessing"], input_size=[32, 32], mode="tiles", tile_size=[64, 64])
+    base = save_checkpoint(model, tmp_path / "native", task="nuclei", preprocessing=prep, card="# n\n")
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8), (rng.random((150, 200)) > 0.6).astype(np.uint8))
+             for _ in range(4)]
+    seen = {}
+    real_fit = tl.fit
+
+    def spy(model, train, val, cfg, **kw):
+        seen["train"], seen["val"] = train, val
+        return real_fit(model, train, val, cfg, **kw)
+
+    monkeypatch.setattr(tl, "fit", spy)
+    res = finetune(base, pairs, tmp_path / "out", steps=3, time_budget_s=None, batch_size=2, device="cpu")
+    assert res.steps == 3 and res.path is not None
+    assert isinstance(seen["train"], BatchSource)
+    assert [tuple(x.shape) for x in seen["train"].images] == [(3, 150, 200)] * len(seen["train"])
+    x, y = seen["train"].batch(0)
+    assert x.shape == (2, 3, 32, 32) and y.shape == (2, 1, 32, 32)
+    vx, _ = seen["val"][0]
+    assert vx.shape == (3, 256, 256)  # held-out frames scored on their central 256x256
+    assert load_checkpoint(res.path)[1]["preprocessing"]["mode"] == "tiles"
+
+
+def test_unreadable_folder_pairs_are_skipped_with_a_warning(tmp_path):
+    from PIL import Image
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(images / "a.png")
+    Image.fromarray(np.ones((20, 20), np.uint8) * 255).save(masks / "a.png")
+    (images / "b.png").write_bytes(b"not a png")
+    Image.fromarray(np.ones((20, 20), np.uint8) * 255).save(masks / "b.png")
+    with pytest.warns(UserWarning, match="1 image/mask pair"):
+        items = pairs_from_folders(images, masks)
+    assert [it.name for it in items] == ["a.png"]

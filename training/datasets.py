@@ -275,21 +275,11 @@ def load_native(task: str, split: str | Sequence[str], *, source: str | os.PathL
 
 def center_crops(images: list[torch.Tensor], masks: list[torch.Tensor], ids: list[str], size: int,
                  ) -> SegDataset:
-    """A fixed-size validation set from native images: the central ``size`` square of each
-    (reflect-padded when an image is smaller), so that validation is cheap and the same every time."""
-    xs, ms = [], []
-    for im, mk in zip(images, masks):
-        h, w = im.shape[-2:]
-        ph, pw = max(0, size - h), max(0, size - w)
-        if ph or pw:
-            pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-            im = F.pad(im[None].float(), pads, mode="reflect")[0].to(torch.uint8)
-            mk = F.pad(mk[None].float(), pads, mode="reflect")[0].to(torch.uint8)
-            h, w = im.shape[-2:]
-        top, left = (h - size) // 2, (w - size) // 2
-        xs.append(im[:, top:top + size, left:left + size])
-        ms.append(mk[:, top:top + size, left:left + size])
-    return SegDataset(torch.stack(xs), torch.stack(ms), list(ids))
+    """A fixed-size validation set from native images (:func:`napari_sdunet.batches.center_crops`)."""
+    from napari_sdunet.batches import center_crops as crops
+
+    x, m = crops(images, masks, size)
+    return SegDataset(x, m, list(ids))
 
 
 # -- CT volumes --------------------------------------------------------------------------------------

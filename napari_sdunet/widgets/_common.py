@@ -215,8 +215,29 @@ class Failure:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input/model/device rather than a bug in napari-sdunet."""
-    return (ValueError, OSError, MemoryError, RuntimeError, KeyError)
+    """Errors that mean bad input / model / device / memory rather than a bug in napari-sdunet.
+
+    The package's own errors (:mod:`napari_sdunet.errors`), ``ValueError`` (``pick_device``), file
+    errors and running out of memory. Anything else is a bug: :func:`bug_message` words it.
+    """
+    import sys
+
+    from ..errors import SdunetError
+
+    out: list[type[BaseException]] = [SdunetError, ValueError, OSError, MemoryError]
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if isinstance(oom, type):
+        out.append(oom)
+    return tuple(out)
+
+
+def bug_message(e: BaseException) -> str:
+    """One line for the viewer about an unexpected error (the traceback goes to the log only)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if "out of memory" in text.lower() or "can't allocate memory" in text.lower():
+        return f"out of memory ({text}); lower the batch size or use the CPU"
+    return (f"internal error ({type(e).__name__}: {text[:200]}); this is a bug in napari-sdunet, please report "
+            "it with the log (napari's console)")
 
 
 #: what a job returns when it was stopped (Cancel, or its viewer closing)
@@ -248,6 +269,9 @@ def _guarded(job: Callable[..., Generator], args: tuple, kwargs: dict, stop: Any
         if "out of memory" in text.lower():
             text = f"out of memory ({text.splitlines()[0]}); lower the batch size or use the CPU"
         return Failure(text)
+    except Exception as e:  # a bug: say so in one line, keep the traceback in the log
+        log.exception("job failed unexpectedly")
+        return Failure(bug_message(e))
     finally:
         gen.close()
         if ended is not None:
@@ -406,6 +430,10 @@ class JobRunner(Container):
         except expected_errors() as e:
             self.status.value = f"failed: {e}"
             notify_error(str(e))
+        except Exception as e:  # a bug while showing the result: one line, traceback in the log
+            log.exception("showing the result failed")
+            self.status.value = f"failed: {bug_message(e)}"
+            notify_error(bug_message(e))
 
     def _on_aborted(self) -> None:
         self.last_result = "cancelled"
