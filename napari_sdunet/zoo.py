@@ -45,11 +45,11 @@ def list_user_models() -> list[str]:
 
 def resolve_model(name_or_folder: str | os.PathLike) -> Path:
     """A shipped model name, a user model name, or a checkpoint folder -> its folder."""
-    if not isinstance(name_or_folder, (str, os.PathLike)) or not str(name_or_folder).strip():
+    if not isinstance(name_or_folder, (str, os.PathLike)):
         raise CheckpointError(f"a model is a name (see `napari-sdunet models`) or a checkpoint folder, "
                               f"got {name_or_folder!r}")
     p = Path(name_or_folder).expanduser()
-    if (p / CONFIG).is_file():
+    if str(name_or_folder).strip() and (p / CONFIG).is_file():
         return p
     for base in (PACKAGE_WEIGHTS, user_models_dir()):
         if (base / str(name_or_folder) / CONFIG).is_file():

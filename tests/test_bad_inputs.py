@@ -421,9 +421,11 @@ def test_api_argument_errors_are_the_packages_own(tmp_path):
 def test_load_pretrained_none():
     from napari_sdunet import load_pretrained
 
-    for bad in (None, "", 3):
+    for bad in (None, 3, ["x"]):
         with pytest.raises(SdunetError, match="a model is a name"):
             load_pretrained(bad)
+    with pytest.raises(SdunetError, match="no model named ''"):
+        load_pretrained("")
 
 
 @pytest.fixture
