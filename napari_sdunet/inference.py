@@ -170,6 +170,16 @@ def effective_preprocessing(config: dict[str, Any], modality: str | None = None,
     return prep
 
 
+def model_orientation(loaded: LoadedModel) -> tuple[str, ...]:
+    """Orientation a NIfTI volume is turned into before prediction (the model's, else the CT sets')."""
+    from .io import TRAINING_ORIENTATION
+
+    codes = (loaded.config.get("preprocessing") or {}).get("orientation")
+    if isinstance(codes, str) and len(codes) == 3 and set(codes.upper()) <= set("LRAPSI"):
+        return tuple(codes.upper())
+    return TRAINING_ORIENTATION
+
+
 # ----------------------------------------------------------------------------- axes
 
 def default_axes(shape: Sequence[int], rgb: bool = False) -> str:

@@ -81,16 +81,6 @@ def check_model_options(args: argparse.Namespace) -> None:
         raise InputError(f"--ct-window needs LO < HI, got {args.ct_window[0]:g} {args.ct_window[1]:g}")
 
 
-def model_orientation(loaded: Any) -> tuple[str, ...]:
-    """Orientation a NIfTI volume is turned into before prediction (the model's, else the CT sets')."""
-    from ..io import TRAINING_ORIENTATION
-
-    codes = (loaded.config.get("preprocessing") or {}).get("orientation")
-    if isinstance(codes, str) and len(codes) == 3 and set(codes.upper()) <= set("LRAPSI"):
-        return tuple(codes.upper())
-    return TRAINING_ORIENTATION
-
-
 def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -> np.ndarray:
     """Probabilities of one read file, with the axes from the file (or --axes).
 
@@ -99,7 +89,7 @@ def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -
     probabilities come back in the file's own storage, to be written with its own affine.
     """
     from ..errors import InputError
-    from ..inference import default_axes, predict
+    from ..inference import default_axes, model_orientation, predict
     from ..io import reorient
 
     axes = (args.axes or vol.axes or default_axes(vol.data.shape)).upper()

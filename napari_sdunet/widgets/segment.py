@@ -48,21 +48,31 @@ def output_layer_kwargs(layer: Any, axes: str) -> dict[str, Any]:
 
 
 def segment_job(model_ref: str, device: str, data: Any, axes: str, modality: str | None,
-                ct_window: tuple[float, float] | None, batch_size: int, tta: bool
-                ) -> Generator[tuple[int, int, str], None, tuple[str, np.ndarray]]:
-    """Load the model (cached), then segment ``data`` batch by batch, yielding progress."""
-    from ..inference import iter_predict, load_model
+                ct_window: tuple[float, float] | None, batch_size: int, tta: bool, scale: float = 1.0,
+                affine: Any = None) -> Generator[tuple[int, int, str], None, tuple[str, np.ndarray]]:
+    """Load the model (cached), then segment ``data`` batch by batch, yielding progress.
+
+    A NIfTI volume (``affine`` given, axes ZYX) is turned into the orientation the model learnt from
+    first, and the probabilities are turned back to the layer's own storage (as the CLI does).
+    """
+    from ..inference import iter_predict, load_model, model_orientation
 
     yield 0, 0, f"loading {model_ref} ..."
     loaded = load_model(model_ref, device)
+    back = None
+    if affine is not None and axes == "ZYX":
+        from ..io import reorient
+
+        data, back = reorient(np.asarray(data), np.asarray(affine), model_orientation(loaded))
     gen = iter_predict(loaded, data, axes, batch_size=batch_size, modality=modality,
-                       ct_window=ct_window, tta=tta)
+                       ct_window=ct_window, tta=tta, scale=scale)
     try:
         while True:
             done, total = next(gen)
             yield done, total, f"{loaded.name} on {loaded.device}: {done}/{total} frame(s)"
     except StopIteration as stop:
-        return loaded.name, stop.value
+        prob = stop.value
+        return loaded.name, (back(prob) if back is not None else prob)
 
 
 class SegmentWidget(Container):
@@ -80,6 +90,10 @@ class SegmentWidget(Container):
         self.ct_lo = FloatSpinBox(label="HU window low", min=-3000, max=3000, step=10, value=-40)
         self.ct_hi = FloatSpinBox(label="HU window high", min=-3000, max=3000, step=10, value=160)
         self.device = device_combo()
+        self.scale = FloatSpinBox(label="object scale", min=0.05, max=20.0, step=0.25, value=1.0,
+                                  tooltip="resize the image by this factor before a native-resolution model sees "
+                                          "it: 2 when your objects are half the size of the training data's, "
+                                          "0.5 when twice (models that infer in tiles at native scale only)")
         self.threshold = FloatSpinBox(label="threshold", min=0.01, max=0.99, step=0.05, value=0.5)
         self.batch_size = SpinBox(label="batch size", min=1, max=256, value=8)
         self.tta = CheckBox(text="test-time flips (4x slower)", value=False)
@@ -88,7 +102,8 @@ class SegmentWidget(Container):
         self.runner = JobRunner(self.run_button, viewer)
         super().__init__(widgets=[
             self.image, self.axes, self.axes_hint, self.models, self.modality, self.ct_lo, self.ct_hi,
-            self.device, self.threshold, self.batch_size, self.tta, self.add_prob, self.run_button, self.runner,
+            self.device, self.scale, self.threshold, self.batch_size, self.tta, self.add_prob, self.run_button,
+            self.runner,
         ], labels=True)
         self.image.changed.connect(self._image_changed)
         self.models.combo.changed.connect(self._model_changed)
@@ -115,6 +130,7 @@ class SegmentWidget(Container):
         """Show the model's CT window, so the user sees (and can edit) what will be applied."""
         ref = self.models.model
         if ref is None:
+            self.scale.enabled = False
             self._update_window_enabled()
             return
         try:
@@ -128,6 +144,7 @@ class SegmentWidget(Container):
         if window:
             self.ct_lo.value, self.ct_hi.value = float(window[0]), float(window[1])
         self._model_prep = prep
+        self.scale.enabled = prep.get("mode") == "tiles"  # resize-mode models fix the scale themselves
         self._update_window_enabled()
 
     def _update_window_enabled(self, _event: Any = None) -> None:
@@ -170,9 +187,11 @@ class SegmentWidget(Container):
         layer, axes, model_ref = checked
         window = (self.ct_lo.value, self.ct_hi.value) if self.ct_lo.enabled else None
         source = {"name": layer.name, **output_layer_kwargs(layer, axes)}
+        scale = float(self.scale.value) if self.scale.enabled else 1.0
+        affine = (layer.metadata or {}).get("nifti_affine")
         return self.runner.start(
             segment_job, model_ref, self.device.value, layer.data, axes, self.modality.value, window,
-            int(self.batch_size.value), bool(self.tta.value),
+            int(self.batch_size.value), bool(self.tta.value), scale, affine,
             on_result=lambda result: self._segmented(result, source, float(self.threshold.value), layer, model_ref),
         )
 

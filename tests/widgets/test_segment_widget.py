@@ -139,3 +139,72 @@ def test_bad_input_notifies(make_napari_viewer, qtbot, checkpoints, errors, tmp_
                 "no_model": "choose a model", "cuda": "CUDA"}[case]
     assert expected in errors[0]
     assert len(viewer.layers) == 1 and w.run_button.enabled
+
+
+def test_object_scale_is_offered_for_native_resolution_models(make_napari_viewer, qtbot, tmp_path, errors):
+    """The scale box is live only for models that infer in tiles at native scale, and it reaches them."""
+    import torch
+
+    from napari_sdunet.checkpoint import save_checkpoint
+    from napari_sdunet.models import create_model
+
+    viewer = _viewer_with(make_napari_viewer, "nuclei")
+    w = SegmentWidget(viewer)
+    torch.manual_seed(0)
+    model = create_model("unet", "nuclei", base_filters=4, depth=2)
+    prep = {"input_size": [32, 32], "channels": 3, "modality": "microscopy", "ct_window": None,
+            "mode": "tiles", "tile_size": [64, 64], "tile_overlap": 16}
+    native = save_checkpoint(model, tmp_path / "native-nuclei", task="nuclei", preprocessing=prep)
+    w.models.add_folder(native)
+    assert w.scale.enabled
+    probs = []
+    for scale in (1.0, 0.5):
+        w.scale.value = scale
+        w.add_prob.value = True
+        w.run()
+        _wait(qtbot, w)
+        probs.append(np.asarray(viewer.layers[-1].data))
+    assert errors == [] and probs[0].shape == probs[1].shape and not np.allclose(probs[0], probs[1])
+    resized = save_checkpoint(model, tmp_path / "resize-nuclei", task="nuclei",
+                              preprocessing=dict(prep, mode="resize"))
+    w.models.add_folder(resized)
+    assert not w.scale.enabled
+
+
+def test_a_nifti_volume_in_another_orientation_is_segmented_in_the_models(make_napari_viewer, qtbot, tmp_path,
+                                                                            errors):
+    """The same scan stored with x/y flipped gives the same mask, back in the layer's own storage."""
+    import nibabel as nib
+
+    from napari_sdunet._reader import read_layers
+    from tests.test_inference import make_checkpoint
+
+    ct = load_sample("ct")[0]
+    data, meta = ct[0], ct[1]["metadata"]
+    affine = np.asarray(meta["nifti_affine"])
+    import torch
+
+    torch.manual_seed(0)
+    folder = make_checkpoint(tmp_path / "liver", task="liver")  # random weights: the output depends on the image
+    flip = affine @ np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = affine[:3, :3] @ (np.array(data.shape[::-1]) - 1) * [1, 1, 0] + affine[:3, 3]
+    arr = np.transpose(np.asarray(data), (2, 1, 0))  # numpy (z, y, x) -> NIfTI (x, y, z)
+    nib.save(nib.Nifti1Image(arr, affine), str(tmp_path / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr[::-1, ::-1]), flip), str(tmp_path / "b.nii.gz"))
+    masks = []
+    for name in ("a", "b"):
+        viewer = make_napari_viewer()
+        path = str(tmp_path / f"{name}.nii.gz")
+        for layer_data, kwargs, kind in read_layers(path):
+            getattr(viewer, f"add_{kind}")(layer_data, **kwargs)
+        w = SegmentWidget(viewer)
+        w.models.add_folder(folder)
+        w.image.value = viewer.layers[0]
+        w.add_prob.value = True
+        w.run()
+        _wait(qtbot, w)
+        masks.append(np.asarray(viewer.layers[-1].data))
+    assert errors == []
+    a, b = masks
+    assert not np.allclose(a, a.mean())  # the probabilities vary over the volume
+    assert np.allclose(b[:, ::-1, ::-1], a, atol=1e-5)  # same scan, same answer, in b's storage
