@@ -427,3 +427,23 @@ def test_unreadable_folder_pairs_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="1 image/mask pair"):
         items = pairs_from_folders(images, masks)
     assert [it.name for it in items] == ["a.png"]
+
+
+def test_cli_time_budget_and_patience(tmp_path, base_model, capsys):
+    from PIL import Image
+
+    from napari_sdunet.cli import main
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for k, (img, mask) in enumerate(_random_pairs(5)):
+        Image.fromarray(img).save(images / f"f{k}.png")
+        Image.fromarray(mask * 255).save(masks / f"f{k}.png")
+    out = tmp_path / "tuned"
+    assert main(["finetune", "--model", str(base_model), "--images", str(images), "--masks", str(masks),
+                 "-o", str(out), "--steps", "3", "--time-budget", "0", "--patience", "0", "--device", "cpu",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["steps"] == 3 and read_config(out)["finetune"]["time_budget_s"] is None
+    assert read_config(out)["finetune"]["patience"] is None

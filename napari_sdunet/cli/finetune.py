@@ -6,7 +6,14 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..finetune import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_VAL_FRACTION
+    from ..finetune import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_LR,
+        DEFAULT_PATIENCE,
+        DEFAULT_STEPS,
+        DEFAULT_TIME_BUDGET_S,
+        DEFAULT_VAL_FRACTION,
+    )
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model on corrected masks and save it as a new model",
@@ -23,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"optimiser steps (default {DEFAULT_STEPS})")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training frames (caps --steps)")
+    p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="SECONDS",
+                   help=f"seconds for the whole run, reading to saving (default {DEFAULT_TIME_BUDGET_S:g}; 0: none)")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                   help=f"stop after this many validations without a better held-out Dice "
+                        f"(default {DEFAULT_PATIENCE}; 0: never)")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR:g})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"frames per step (default {DEFAULT_BATCH_SIZE})")
@@ -69,14 +81,15 @@ def run(args: argparse.Namespace) -> int:
             last_val = p.val_dice
             if p.step == 0:
                 tqdm.write(f"Dice before fine-tuning: {p.val_dice:.4f}")
-        if bar is None:
-            bar = tqdm(total=p.total_steps, desc="finetune", unit="step")
+        if bar is None:  # the step cap; a time budget or early stop may end the run sooner
+            bar = tqdm(total=p.total_steps, desc="finetune (at most)", unit="step")
         if p.kind == "step":
             bar.update(p.step - bar.n)
             bar.set_postfix(loss=f"{p.loss:.4f}", val_dice=f"{last_val:.4f}")
 
     try:
         res = finetune(args.model, data, args.output, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                       time_budget_s=args.time_budget or None, patience=args.patience or None,
                        batch_size=args.batch_size, trainable=args.trainable, augment=args.augment,
                        freeze_bn=args.freeze_bn, val_fraction=args.val_fraction, val_split=args.val_split,
                        val_data=val, device=args.device, seed=args.seed,
@@ -84,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"{res.n_train} training / {res.n_val} validation frames, {res.steps} steps in {res.seconds:.1f} s")
+    stopped = getattr(res, "stopped_by", None)
+    print(f"{res.n_train} training / {res.n_val} validation frames, {res.steps} steps in {res.seconds:.1f} s"
+          + (f" (stopped by: {stopped})" if stopped else ""))
     print(f"Dice on the {res.dice_on} frames: before {res.dice_before:.4f}, after {res.dice_after:.4f}")
     print(f"saved the fine-tuned model to {res.path}")
     if args.json:
