@@ -84,6 +84,9 @@ def model_summary(config: dict[str, Any]) -> dict[str, Any]:
             break
     fit = (config.get("training") or {}).get("fit") or {}
     val = fit.get("best_val_dice")
+    campaign = config.get("campaign") or {}  # a model of the training campaign (training/campaign.toml)
+    if isinstance(campaign.get("val_dice_shipped"), (int, float)):
+        val = campaign["val_dice_shipped"]
     ft = config.get("finetune") or {}
     ft_dice = ft.get("dice_after")
     return {

@@ -215,6 +215,10 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
     folder = ship.ship_run(entry, camp, data_root=str(data), partial=True, force=True)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["campaign"]["step"] == 4 and cfg["campaign"]["partial"] is True
+    from napari_sdunet.zoo import model_summary
+
+    summary = model_summary(cfg)  # what the model pickers show and rank by
+    assert summary["val_dice"] == cfg["campaign"]["val_dice_shipped"] and summary["test_dice"] is not None
     assert (folder / "learning_curve.png").is_file() and "CPU-hours" in (folder / "README.md").read_text()
     import shutil
 
