@@ -154,7 +154,12 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
     warm = rec.get("warm_start")
     warm_txt = "none (random init)"
     if warm:
-        warm_txt = (f"{warm['source']} ({warm['copied']}/{warm['total']} tensors copied where name and shape "
+        src = Path(warm["source"])
+        repo = Path(__file__).resolve().parents[1]
+        shown = src.relative_to(repo).as_posix() if src.is_absolute() and src.is_relative_to(repo) else str(src)
+        if shown.startswith("napari_sdunet/weights/"):
+            shown = f"the shipped `{src.name}` weights of that time (git history of `{shown}`)"
+        warm_txt = (f"{shown} ({warm['copied']}/{warm['total']} tensors copied where name and shape "
                     f"match; {warm['gates_opened']} ResSDN gates opened towards the copied conv)")
     aug = ", ".join(f"{k}={v}" for k, v in r.augment.items()) or "none"
     spe = rec.get("steps_per_epoch") or 1
@@ -209,7 +214,11 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     old_val = None
     if (target / "config.json").is_file():
         old, old_cfg = load_checkpoint(target)
-        old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val)
+        same = old_cfg.get("campaign") or {}
+        if same.get("run") == entry.name and same.get("step") == rec.get("step"):  # shipped again (a new card)
+            old_val = same.get("replaced_val_dice")
+        else:
+            old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val)
     if old_val is not None and new_val <= old_val and not force:
         log(rd, f"not shipped: validation Dice {new_val:.4f} <= shipped {old_val:.4f}")
         return None
@@ -217,7 +226,7 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     folder = save_checkpoint(model, tmp_target, task=entry.task, preprocessing=prep, half=True)
     tests = test_metrics(folder, entry, data_root, limit)
     crec = campaign_record(dict(rec, name=entry.name))
-    crec.update(val_dice_shipped=new_val, partial=partial)
+    crec.update(val_dice_shipped=new_val, partial=partial, replaced_val_dice=old_val)
     card = model_card(entry, rec, tests, new_val, old_val, partial)
     shipped, _ = load_checkpoint(folder)
     primary = "native" if "native" in tests else "preset"
