@@ -129,20 +129,26 @@ class BatchSource:
         return x.contiguous(), y.contiguous()
 
 
+def _pad_to(im: torch.Tensor, mk: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and mask padded alike (reflect; replicate when too small to reflect) to at least ``size``."""
+    h, w = im.shape[-2:]
+    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
+    if not (ph or pw):
+        return im, mk
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return (F.pad(im[None].float(), pads, mode=mode)[0].to(im.dtype),
+            F.pad(mk[None].float(), pads, mode=mode)[0].to(mk.dtype))
+
+
 def center_crops(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], size: int,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The central ``size`` x ``size`` square of each image and mask (reflect-padded when smaller),
     stacked: a fixed-size validation set from images of any sizes, cheap and the same every time."""
     xs, ms = [], []
     for im, mk in zip(images, masks, strict=True):
+        im, mk = _pad_to(im, mk, (size, size))
         h, w = im.shape[-2:]
-        if h < size or w < size:
-            ph, pw = max(0, size - h), max(0, size - w)
-            pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            im = F.pad(im[None].float(), pads, mode=mode)[0].to(im.dtype)
-            mk = F.pad(mk[None].float(), pads, mode=mode)[0].to(mk.dtype)
-            h, w = im.shape[-2:]
         top, left = (h - size) // 2, (w - size) // 2
         xs.append(im[:, top:top + size, left:left + size])
         ms.append(mk[:, top:top + size, left:left + size])
@@ -152,15 +158,9 @@ def center_crops(images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
 def _window(im: torch.Tensor, mk: torch.Tensor, size: tuple[int, int], g: torch.Generator,
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``size`` window of image and mask at a random place (reflect-padded when the image is smaller)."""
+    im, mk = _pad_to(im, mk, size)
     h, w = im.shape[-2:]
     wh, ww = size
-    if h < wh or w < ww:
-        ph, pw = max(0, wh - h), max(0, ww - w)
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        im = F.pad(im[None].float(), pads, mode=mode)[0].to(im.dtype)
-        mk = F.pad(mk[None].float(), pads, mode=mode)[0].to(mk.dtype)
-        h, w = im.shape[-2:]
     top = int(torch.randint(0, h - wh + 1, (), generator=g))
     left = int(torch.randint(0, w - ww + 1, (), generator=g))
     return im[:, top:top + wh, left:left + ww], mk[:, top:top + wh, left:left + ww]
