@@ -314,9 +314,10 @@ def log(run_dir: Path, text: str) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from napari_sdunet.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, threads: int | None = None,

@@ -21,7 +21,7 @@ from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
 from napari_sdunet.train_loop import evaluate_dice
 
 from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder
-from .ship import DATA_TERMS, _fmt
+from .ship import DATA_TERMS, pct
 
 NATIVE_TERMS = ("2018 Data Science Bowl stage1_train (BBBC038), all 670 images at their own resolution (`nuclei/`); "
                 "80/10/10 random split (seed 42): 536 train / 67 val / 67 test")
@@ -131,17 +131,17 @@ def _metric_lines(task: str, tests: dict[str, Any]) -> list[str]:
     for key, m in tests.items():
         if task == "liver" and key == "preset":
             lines.append(f"- per-volume 3-D Dice on {m['n_volumes']} HU volumes of 3D-IRCADb-01 (window "
-                         f"{m['ct_window']} HU): **{_fmt(m['dice_3d'])} ± {_fmt(m['dice_3d_sd'])}**")
-            lines += [f"  - {v['id']}: {_fmt(v['dice_3d'])}" for v in m["volumes"]]
+                         f"{m['ct_window']} HU): **{pct(m['dice_3d'])} ± {pct(m['dice_3d_sd'])}**")
+            lines += [f"  - {v['id']}: {pct(v['dice_3d'])}" for v in m["volumes"]]
             s = m["slices_2d"]
-            lines.append(f"- per-slice Dice {_fmt(s['dice'])}, batch-pooled Dice (paper) {_fmt(s['paper_batch_dice'])}")
+            lines.append(f"- per-slice Dice {pct(s['dice'])}, batch-pooled Dice (paper) {pct(s['paper_batch_dice'])}")
             continue
         where = {"native": f"`{m.get('source')}/` test split at native resolution ({m.get('inference')} inference)",
                  "nuclei_96": "`nuclei_96/` test split (the paper's 96x96 protocol)",
                  "preset": f"test split, scored at {m.get('eval_size')}"}[key]
-        lines.append(f"- {where}: per-image Dice **{_fmt(m['dice'])} ± {_fmt(m['dice_sd'])}**, Jaccard "
-                     f"{_fmt(m['jaccard'])}, global Dice {_fmt(m['global_dice'])}, batch-pooled Dice (paper, "
-                     f"batches of 20) {_fmt(m['paper_batch_dice'])} ({m['n']} images)")
+        lines.append(f"- {where}: per-image Dice **{pct(m['dice'])} ± {pct(m['dice_sd'])}**, Jaccard "
+                     f"{pct(m['jaccard'])}, global Dice {pct(m['global_dice'])}, batch-pooled Dice (paper, "
+                     f"batches of 20) {pct(m['paper_batch_dice'])} ({m['n']} images)")
     return lines
 
 
@@ -185,8 +185,8 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         f"CPU-hours, on {rec['host']} with {rec['threads']} threads, {rec['precision']} "
         "(chosen by timing steps at start) + channels_last",
         "",
-        "## Validation", f"- best validation Dice (per image, mean) {_fmt(val_dice)} at step {rec['best_step']}"
-        + (f"; the model it replaced: {_fmt(old_val)}" if old_val is not None else ""),
+        "## Validation", f"- best validation Dice (per image, mean) {pct(val_dice)} at step {rec['best_step']}"
+        + (f"; the model it replaced: {pct(old_val)}" if old_val is not None else ""),
         "- learning curve: ![learning curve](learning_curve.png)", "",
         "## Test metrics (fp16 weights as shipped; the test split was never used for selection)",
         *_metric_lines(r.task, tests), "",

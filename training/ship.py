@@ -41,24 +41,24 @@ DATA_TERMS = {
 }
 
 
-def _fmt(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
 def metrics_lines(task: str, m: dict[str, Any]) -> list[str]:
     if task == "liver":
         s = m["slices_2d"]
-        lines = [f"- per-volume 3-D Dice: **{_fmt(m['dice_3d'])} ± {_fmt(m['dice_3d_sd'])}** "
-                 f"(Jaccard {_fmt(m['jaccard_3d'])} ± {_fmt(m['jaccard_3d_sd'])}), {m['n_volumes']} volumes, "
+        lines = [f"- per-volume 3-D Dice: **{pct(m['dice_3d'])} ± {pct(m['dice_3d_sd'])}** "
+                 f"(Jaccard {pct(m['jaccard_3d'])} ± {pct(m['jaccard_3d_sd'])}), {m['n_volumes']} volumes, "
                  f"window {m['ct_window']} HU"]
-        lines += [f"  - {v['id']}: Dice {_fmt(v['dice_3d'])}" for v in m["volumes"]]
-        lines.append(f"- per-slice (128x128, {s['n']} slices): Dice {_fmt(s['dice'])} ± {_fmt(s['dice_sd'])}, "
-                     f"global Dice {_fmt(s['global_dice'])}, batch-pooled Dice {_fmt(s['paper_batch_dice'])}")
+        lines += [f"  - {v['id']}: Dice {pct(v['dice_3d'])}" for v in m["volumes"]]
+        lines.append(f"- per-slice (128x128, {s['n']} slices): Dice {pct(s['dice'])} ± {pct(s['dice_sd'])}, "
+                     f"global Dice {pct(s['global_dice'])}, batch-pooled Dice {pct(s['paper_batch_dice'])}")
         return lines
-    return [f"- per-image Dice: **{_fmt(m['dice'])} ± {_fmt(m['dice_sd'])}**, Jaccard {_fmt(m['jaccard'])} ± "
-            f"{_fmt(m['jaccard_sd'])} ({m['n']} test images, scored at {m['eval_size'][0]}x{m['eval_size'][1]} HxW)",
-            f"- global Dice {_fmt(m['global_dice'])}; batch-pooled Dice (the paper's metric, batches of 20) "
-            f"{_fmt(m['paper_batch_dice'])}"]
+    return [f"- per-image Dice: **{pct(m['dice'])} ± {pct(m['dice_sd'])}**, Jaccard {pct(m['jaccard'])} ± "
+            f"{pct(m['jaccard_sd'])} ({m['n']} test images, scored at {m['eval_size'][0]}x{m['eval_size'][1]} HxW)",
+            f"- global Dice {pct(m['global_dice'])}; batch-pooled Dice (the paper's metric, batches of 20) "
+            f"{pct(m['paper_batch_dice'])}"]
 
 
 def model_card(name: str, task: str, config: dict[str, Any], metrics: dict[str, Any], command: str,
