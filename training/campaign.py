@@ -474,8 +474,8 @@ def run_campaign(camp: Campaign, *, only: list[str] | None = None, data_root: st
             if only and entry.name not in only:
                 continue
             rd = camp.run_dir(entry)
-            if (rd / "done.json").is_file():
-                continue
+            if (rd / "done.json").is_file() or (shipped_campaign_record(entry) or {}).get("finished"):
+                continue  # finished here, or finished elsewhere and shipped by this recipe
             rec = train_run(entry, camp, data_root=data_root, threads=threads, limit=limit, stop=stop,
                             precision=precision)
             if stop.asked:
@@ -506,7 +506,7 @@ def status_rows(camp: Campaign) -> list[dict[str, Any]]:
         spe = int(info.get("steps_per_epoch") or 0)
         cpu_h = float(meta.get("cpu_seconds", 0.0)) / 3600 if meta else float((shipped or {}).get("cpu_hours", 0))
         best = meta.get("best_dice", (shipped or {}).get("best_val_dice"))
-        done = (rd / "done.json").is_file()
+        done = (rd / "done.json").is_file() or bool((shipped or {}).get("finished"))
         per_step = info.get("rate_s_per_step")
         if per_step is None and info.get("step_seconds"):
             per_step = info["step_seconds"].get(info.get("precision", "fp32"))
