@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_sdunet.models.sdn import SDNCell  # noqa: E402
-from napari_sdunet.models.sweep import list_sweeps, sweep  # noqa: E402
+import benchmarks.sweep_naive  # noqa: E402,F401  (registers impl="naive")
+from napari_sdunet.models.sdn.layer import SDNCell  # noqa: E402
+from napari_sdunet.models.sdn.sweep import list_sweeps, sweep  # noqa: E402
 
 
 def run(impl: str, dtype: torch.dtype, device: str, x0: torch.Tensor, g: torch.Tensor, cells) -> list[torch.Tensor]:

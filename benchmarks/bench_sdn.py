@@ -36,17 +36,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_train_step  # noqa: E402
+from benchmarks.sweep_naive import sweep_naive  # noqa: E402
 from napari_sdunet.models import create_model  # noqa: E402
-from napari_sdunet.models.sdn import SDNCell  # noqa: E402
-from napari_sdunet.models.sweep import list_sweeps, sweep  # noqa: E402
-from napari_sdunet.models.sweep_fast import (  # noqa: E402
+from napari_sdunet.models.sdn.cpu import (  # noqa: E402
     bf16_gemm_pays,
     fp32_gemm_backend,
     fp32_gemm_probe,
     gemm_probe,
     onednn_linear,
 )
-from napari_sdunet.models.sweep_naive import sweep_naive  # noqa: E402
+from napari_sdunet.models.sdn.layer import SDNCell  # noqa: E402
+from napari_sdunet.models.sdn.sweep import list_sweeps, sweep  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -232,7 +232,7 @@ def machine_info(device: torch.device) -> dict:
     info["fp32_probe_gflops"] = {"mkl": mkl, "onednn": dnnl}
     info["fp32_gemm_backend"] = fp32_gemm_backend()
     try:
-        from napari_sdunet.models import sweep_cpp
+        from napari_sdunet.models.sdn import cpp as sweep_cpp
 
         info["cpp_kernels"] = "avx512" if sweep_cpp.simd() else ("scalar" if sweep_cpp.ops() else "not built")
     except Exception as err:  # report, do not fail the benchmark

@@ -29,4 +29,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # Build the fused C++ SDN sweep now (about 30 s, once per machine) rather than on the first Segment;
 # without a compiler the package falls back to the slower pure-torch sweep.
-.venv/bin/python -m napari_sdunet.models.sweep_cpp >/dev/null 2>&1 || echo ">> note: the C++ sweep did not build; using the pure-torch sweep"
+.venv/bin/python -m napari_sdunet.models.sdn.cpp >/dev/null 2>&1 || echo ">> note: the C++ sweep did not build; using the pure-torch sweep"

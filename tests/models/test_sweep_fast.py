@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from napari_sdunet.models import sweep_cpp
-from napari_sdunet.models.sdn import SDN, SDNCell
-from napari_sdunet.models.sdn_reference import sweep_reference
-from napari_sdunet.models.sweep import AUTO_ORDER, list_sweeps, pick_impl, sweep
-from napari_sdunet.models.sweep_fast import bf16_gemm_pays
-from napari_sdunet.models.sweep_naive import sweep_naive
+from benchmarks.sweep_naive import sweep_naive
+from napari_sdunet.models.sdn import cpp as sweep_cpp
+from napari_sdunet.models.sdn.cpu import bf16_gemm_pays
+from napari_sdunet.models.sdn.layer import SDN, SDNCell
+from napari_sdunet.models.sdn.sweep import AUTO_ORDER, list_sweeps, pick_impl, sweep
+from tests.models.sdn_reference import sweep_reference
 
 SHAPES = [(5, 5), (4, 7), (7, 3), (1, 6), (6, 1), (1, 1)]
 

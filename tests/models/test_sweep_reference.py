@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from napari_sdunet.models.sdn import SDNCell
-from napari_sdunet.models.sdn_reference import sweep_reference
-from napari_sdunet.models.sweep import from_lines, sweep, to_lines
+from napari_sdunet.models.sdn.layer import SDNCell
+from napari_sdunet.models.sdn.sweep import from_lines, sweep, to_lines
+from tests.models.sdn_reference import sweep_reference
 
 SHAPES = [(5, 5), (4, 7), (7, 3), (1, 6), (6, 1)]
 

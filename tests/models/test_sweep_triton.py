@@ -25,9 +25,9 @@ S = 8
 
 def _compare(impl_fn, hw, direction, device, seed=0):
     """Max abs errors of values and of each gradient (x, W_in, b_in, W_h, b_h) vs the fp64 reference."""
-    from napari_sdunet.models.sdn import SDNCell
-    from napari_sdunet.models.sdn_reference import sweep_reference
-    from napari_sdunet.models.sweep import from_lines, to_lines
+    from napari_sdunet.models.sdn.layer import SDNCell
+    from napari_sdunet.models.sdn.sweep import from_lines, to_lines
+    from tests.models.sdn_reference import sweep_reference
 
     torch.manual_seed(seed)
     cell = SDNCell(S).double()
@@ -55,7 +55,7 @@ def _compare(impl_fn, hw, direction, device, seed=0):
 def _worker() -> None:
     """Run every case through the interpreter and print the errors as one JSON line."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from napari_sdunet.models.sweep_triton import INTERPRET, sweep_triton, sweep_triton_bf16
+    from napari_sdunet.models.sdn.triton import INTERPRET, sweep_triton, sweep_triton_bf16
 
     assert INTERPRET
     out = {"fp32": {}, "bf16": {}}
@@ -92,8 +92,8 @@ def test_interpreted_bf16_dots_stay_close(interpreted):
 
 
 def test_not_used_for_cpu_outside_the_interpreter():
-    from napari_sdunet.models import sweep_triton as st
-    from napari_sdunet.models.sweep import pick_impl
+    from napari_sdunet.models.sdn import triton as st
+    from napari_sdunet.models.sdn.sweep import pick_impl
 
     x = torch.zeros(1, 2, 3, 3)
     assert pick_impl(x) == "fast"
@@ -109,8 +109,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("hw,direction", CASES)
 def test_cuda_kernels_equal_reference(hw, direction):
-    from napari_sdunet.models.sweep import pick_impl
-    from napari_sdunet.models.sweep_triton import sweep_triton
+    from napari_sdunet.models.sdn.sweep import pick_impl
+    from napari_sdunet.models.sdn.triton import sweep_triton
 
     assert pick_impl(torch.zeros(1, 1, 1, 1, device="cuda")) == "triton"
     for _ in range(2):  # second call replays the captured CUDA graphs
@@ -120,7 +120,7 @@ def test_cuda_kernels_equal_reference(hw, direction):
 
 @cuda
 def test_cuda_bf16_and_large_state():
-    from napari_sdunet.models.sweep_triton import sweep_triton_bf16
+    from napari_sdunet.models.sdn.triton import sweep_triton_bf16
 
     errs = _compare(sweep_triton_bf16, (12, 9), 0, "cuda")
     assert max(errs) < 5e-2, errs

@@ -2,7 +2,8 @@
 
 Per step it slices the current and previous line out of the NCHW state, computes the prior term for
 that line (not hoisted), runs the GRU update and, at the end, stacks the lines back. Same math as
-every other implementation; it is not registered for ``impl="auto"``.
+every other implementation. Importing this module registers it as ``impl="naive"`` (never used by
+``impl="auto"``); the package itself never imports it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sweep import gru_update, neighbours3, register_sweep
+from napari_sdunet.models.sdn.sweep import gru_update, neighbours3, register_sweep
 
 
 def sweep_naive(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h: torch.Tensor,

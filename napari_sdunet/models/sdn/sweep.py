@@ -120,11 +120,11 @@ def _load_optional_impls() -> None:
     import importlib
     import os
 
-    mods = ["napari_sdunet.models.sweep_fast", "napari_sdunet.models.sweep_naive"]
+    mods = ["napari_sdunet.models.sdn.cpu"]
     # triton only where it can run: importing it costs seconds and, in a worker thread next to
     # Qt (napari), can crash the process on a machine without a GPU
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        mods.append("napari_sdunet.models.sweep_triton")
+        mods.append("napari_sdunet.models.sdn.triton")
     for mod in mods:
         try:
             importlib.import_module(mod)

@@ -8,9 +8,9 @@ CPU has it).
 
 The kernels are compiled on first use (about a minute; g++ and ninja are needed) for the host CPU
 (``-march=native``), cached under torch's extension folder with the CPU flags in the name, so a
-cache copied to another kind of CPU is not reused. ``python -m napari_sdunet.models.sweep_cpp``
+cache copied to another kind of CPU is not reused. ``python -m napari_sdunet.models.sdn.cpp``
 builds it ahead of time. Where the build fails, :func:`ops` returns None and the sweeps use the
-pure-torch path of :mod:`.sweep_fast` (same maths). ``NAPARI_SDUNET_NO_CPP=1`` switches it off.
+pure-torch path of :mod:`.cpu` (same maths). ``NAPARI_SDUNET_NO_CPP=1`` switches it off.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The layer is project-in (3x3 conv + tanh) -> sequential directional GRU sweeps -
 (1x1 conv), as in the authors' code (see ``docs/architecture.md``). Each sweep updates one line at
 a time from the three neighbours on the previous, already-updated line and the cell's own prior
 value. The line-by-line recurrence is computed by a pluggable *sweep implementation* (see
-:mod:`napari_sdunet.models.sweep`), so fast CPU/GPU paths can replace the plain loop while keeping
+:mod:`napari_sdunet.models.sdn.sweep`), so fast CPU/GPU paths can replace the plain loop while keeping
 the same math.
 """
 
@@ -52,7 +52,7 @@ class SDN(nn.Module):
         state: state size S (150 in the paper).
         directions: sweep directions, applied one after another (paper: (0, 2)).
         kernel_size: kernel of the project-in conv (3 in the paper).
-        impl: sweep implementation name, or "auto" (see :func:`napari_sdunet.models.sweep.sweep`).
+        impl: sweep implementation name, or "auto" (see :func:`napari_sdunet.models.sdn.sweep.sweep`).
     """
 
     def __init__(

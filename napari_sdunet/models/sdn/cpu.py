@@ -1,9 +1,9 @@
 """Fast SDN sweep: a custom autograd Function with whole-line GEMMs and a hand-written backward.
 
-Same math as :func:`napari_sdunet.models.sweep.sweep_loop` (spec §1.2), organised for throughput.
+Same math as :func:`napari_sdunet.models.sdn.sweep.sweep_loop` (spec §1.2), organised for throughput.
 Two back ends behind the same Function:
 
-* **C++ kernels** (:mod:`.sweep_cpp`, ``_sweep_cpu.cpp``), used where they build: the whole loop in
+* **C++ kernels** (:mod:`.cpp`, ``_sweep_cpu.cpp``), used where they build: the whole loop in
   C++, each step's gate arithmetic fused into one AVX-512 pass, big buffers recycled (no page faults
   per call), bf16 copies of input and state written once where the GEMMs read them. fp32 GEMMs go
   to oneDNN or MKL, whichever :func:`fp32_gemm_backend` measured faster on the host;
@@ -176,7 +176,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, w_h: torc
 class FastSweep(torch.autograd.Function):
     """Autograd Function for one lines-major sweep with a hand-written backward.
 
-    ``cpp``: run the fused C++ kernels (:mod:`.sweep_cpp`) instead of the pure-torch loop above.
+    ``cpp``: run the fused C++ kernels (:mod:`.cpp`) instead of the pure-torch loop above.
     """
 
     @staticmethod
@@ -236,10 +236,10 @@ def _cpp_ops(x: torch.Tensor, use_cpp: bool):
     """The C++ kernels where they run and pay: CPU, float64 (tests) or float32 with AVX-512 kernels."""
     if not use_cpp or x.device.type != "cpu":
         return None
-    from . import sweep_cpp
+    from . import cpp as kernels
 
-    ops = sweep_cpp.ops()
-    if ops is None or (x.dtype != torch.float64 and not sweep_cpp.simd()):
+    ops = kernels.ops()
+    if ops is None or (x.dtype != torch.float64 and not kernels.simd()):
         return None
     return ops
 
@@ -278,7 +278,7 @@ def sweep_fast(lines: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_h:
                b_h: torch.Tensor) -> torch.Tensor:
     """Fast lines-major sweep (T, B, L, S); same values and gradients as ``sweep_loop``.
 
-    C++ kernels where built (:mod:`.sweep_cpp`), else the pure-torch loop of this module.
+    C++ kernels where built (:mod:`.cpp`), else the pure-torch loop of this module.
     """
     if lines.shape[0] == 0:
         return lines.clone()

@@ -4,7 +4,7 @@ On a GPU the sweep is launch-bound: the plain loop issues 10-15 small kernels pe
 forward step is ONE kernel (3-tap gather of the previous line + the (3S x 3S) GEMM + bias + prior
 + GRU gates + state update, gates kept for backward) and a backward step is one fused gate-gradient
 kernel plus one cuBLAS GEMM (gradient to the previous line). The non-recurrent prior term and all
-weight gradients are single GEMMs outside the loops (shared with :mod:`.sweep_fast`).
+weight gradients are single GEMMs outside the loops (shared with :mod:`.cpu`).
 The whole forward loop and the whole backward loop are each captured once per shape into a CUDA
 graph and replayed, so a sweep costs two graph launches instead of thousands of kernel launches.
 
