@@ -66,7 +66,8 @@ def link_pairs(root: Path, ids: list[str], dest: Path) -> tuple[Path, Path]:
 
 def evaluate(model_ref: str, images: Path, masks: Path) -> dict:
     """Mean per-image Dice at full resolution (same computation as ``napari-sdunet evaluate``)."""
-    from napari_sdunet.inference import clear_cache, default_axes, load_model, predict, to_labels
+    from napari_sdunet.axes import propose_axes
+    from napari_sdunet.inference import clear_cache, load_model, predict, to_labels
     from napari_sdunet.io import list_images, read_image, read_mask
     from napari_sdunet.metrics import summarize
 
@@ -74,7 +75,7 @@ def evaluate(model_ref: str, images: Path, masks: Path) -> dict:
     preds, refs = [], []
     for path in list_images(images):
         vol = read_image(path)
-        prob = predict(loaded, vol.data, vol.axes or default_axes(vol.data.shape), batch_size=4)
+        prob = predict(loaded, vol.data, vol.axes or propose_axes(vol.data.shape), batch_size=4)
         preds.append(to_labels(prob).astype(bool))
         refs.append(read_mask(masks / path.name))
     clear_cache()

@@ -79,10 +79,11 @@ class Frame:
 
 def labelled_frames(item: LabelledImage) -> list[Frame]:
     """The frames of ``item`` that carry labels (see :class:`LabelledImage`)."""
-    from .inference import check_frames, default_axes, frames_of, spatial_shape
-    from .preprocess import InputError
+    from .axes import propose_axes
+    from .errors import InputError
+    from .inference import check_frames, frames_of, spatial_shape
 
-    axes = (item.axes or default_axes(np.shape(item.image))).upper()
+    axes = (item.axes or propose_axes(np.shape(item.image))).upper()
     frames, has_c = frames_of(np.asarray(item.image), axes)
     labels = np.asarray(item.labels)
     want = spatial_shape(np.shape(item.image), axes)
@@ -465,7 +466,7 @@ def finetune(
     """
     from .augment import Augmented
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .inference import pick_device
+    from .devices import pick_device
     from .train_loop import FitConfig, Progress, evaluate_dice, fit
     from .zoo import resolve_model
 

@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .preprocess import InputError
+from .axes import check_axes, propose_axes
+from .devices import pick_device
+from .errors import InputError
 
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
 
-#: Axes orders the engine accepts. Y, X are the image plane, C colour; Z (slices) and T (frames)
-#: are both run slice by slice.
-AXES = ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 MODALITIES = ("microscopy", "colonoscopy", "ct")
 #: CT window used when the model's config has none and the user picks the CT preset (liver window).
 DEFAULT_CT_WINDOW = (-40.0, 160.0)
@@ -58,40 +56,7 @@ class LoadedModel:
         return int(getattr(self.model, "in_channels", self.preprocessing.get("channels", 3)))
 
 
-# ----------------------------------------------------------------------------- device and models
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, then mps, then cpu; an explicit device must be available."""
-    import torch
-
-    name = (name or "auto").lower()
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)}")
-    mps = getattr(torch.backends, "mps", None)
-    mps_ok = bool(mps is not None and mps.is_available())
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if mps_ok else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no CUDA GPU is available to this torch build; pick cpu or auto")
-    if name == "mps" and not mps_ok:
-        raise ValueError("MPS (Apple GPU) was requested but is not available; pick cpu or auto")
-    return torch.device(name)
-
-
-def available_devices() -> list[str]:
-    """Devices this machine can use, ``auto`` first (for a device combo)."""
-    import torch
-
-    out = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append("mps")
-    return out
-
+# ----------------------------------------------------------------------------- models
 
 _CACHE: dict[tuple[str, str], tuple[tuple[float, int], LoadedModel]] = {}
 _CACHE_LOCK = threading.Lock()
@@ -182,27 +147,9 @@ def model_orientation(loaded: LoadedModel) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- axes
 
-def default_axes(shape: Sequence[int], rgb: bool = False) -> str:
-    """The axes order the widget proposes for a layer (shown to the user, who may change it)."""
-    nd = len(shape)
-    if rgb or (nd in (3, 4) and shape[-1] in (3, 4) and shape[-2] > 4):
-        if nd == 3:
-            return "YXC"
-        if nd == 4:
-            return "TYXC"
-    return {2: "YX", 3: "ZYX", 4: "TYXC"}.get(nd, "")
-
-
 def frames_of(data: np.ndarray, axes: str) -> tuple[np.ndarray, bool]:
     """View ``data`` with ``axes`` as frames (N, Y, X[, C]) and say whether it has a colour axis."""
-    if not isinstance(axes, str):
-        raise InputError(f"axes must be text such as 'YX', 'YXC' or 'ZYX', got {axes!r}")
-    axes = axes.upper()
-    if axes not in AXES:
-        raise InputError(f"unsupported axes {axes!r}; choose from {', '.join(AXES)}")
-    if np.ndim(data) != len(axes):
-        raise InputError(f"the layer has {np.ndim(data)} dimensions, shape {tuple(np.shape(data))}, "
-                         f"but axes {axes} need {len(axes)}")
+    axes = check_axes(axes, np.shape(data))
     has_c = axes.endswith("C")
     if has_c and np.shape(data)[-1] not in (1, 2, 3, 4):
         raise InputError(f"axes {axes} put colour last, but the last axis has {np.shape(data)[-1]} "
@@ -354,6 +301,6 @@ def segment(model: str | os.PathLike | LoadedModel, data: np.ndarray, axes: str 
     if not isinstance(model, (str, os.PathLike, LoadedModel)):
         raise InputError(f"model must be a model name, a checkpoint folder or a loaded model, got {model!r}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
-    axes = axes or default_axes(np.shape(data))
+    axes = axes or propose_axes(np.shape(data))
     prob = predict(loaded, data, axes, **kwargs)
     return to_labels(prob, threshold), prob

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .axes import AXES, propose_axes
 from .errors import InputError, OutputError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -135,13 +136,13 @@ def _read_tiff(path: Path) -> Volume:
 
 
 def _napari_axes(arr: np.ndarray, tiff_axes: str) -> str:
-    """Map tifffile's axes (Q/I/S/Z/T/Y/X/C...) to ours, dropping singleton extras."""
-    tiff_axes = tiff_axes.replace("S", "C").replace("I", "Z").replace("Q", "Z")
-    if len(tiff_axes) != arr.ndim:
-        return {2: "YX", 3: "ZYX"}.get(arr.ndim, "")
-    if tiff_axes in ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC"):
+    """Map tifffile's axes (I pages, S samples, Z, T, Y, X, C) to ours; else the shape's
+    :func:`propose_axes`. tifffile writes Q for an axis it knows nothing of (a plain numpy array
+    saved with its shape only): such a file is proposed axes as the same array in a layer would be."""
+    tiff_axes = tiff_axes.replace("S", "C").replace("I", "Z")
+    if len(tiff_axes) == arr.ndim and tiff_axes in AXES:
         return tiff_axes
-    return {2: "YX", 3: "YXC" if arr.shape[-1] in (3, 4) else "ZYX", 4: "TYXC"}.get(arr.ndim, "")
+    return propose_axes(arr.shape, rgb=len(tiff_axes) == arr.ndim and tiff_axes.endswith("C"))
 
 
 def read_nifti(path: str | os.PathLike) -> Volume:

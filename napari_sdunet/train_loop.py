@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .inference import pick_device, predict_probabilities
+from .devices import pick_device
+from .inference import predict_probabilities
 from .losses import dice_bce_loss, hard_dice
 
 
@@ -96,7 +97,7 @@ class FitResult:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """A torch.device as given; a name is checked by :func:`napari_sdunet.inference.pick_device`."""
+    """A torch.device as given; a name is checked by :func:`napari_sdunet.devices.pick_device`."""
     if isinstance(device, torch.device):
         return device
     return pick_device(str(device))

@@ -21,7 +21,7 @@ from napari_sdunet.finetune import (
     split_frames,
 )
 from napari_sdunet.models import TASKS, create_model
-from napari_sdunet.preprocess import InputError
+from napari_sdunet.errors import InputError
 from tests.conftest import shared_data
 
 

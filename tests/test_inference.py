@@ -14,17 +14,15 @@ from napari_sdunet.inference import (
     Cancelled,
     LoadedModel,
     clear_cache,
-    default_axes,
     effective_preprocessing,
     frames_of,
     load_model,
-    pick_device,
     predict,
     segment,
     to_labels,
 )
 from napari_sdunet.models import TASKS
-from napari_sdunet.preprocess import InputError
+from napari_sdunet.errors import InputError
 
 
 def make_checkpoint(folder: Path, task: str = "nuclei", bias: float | None = None, base_filters: int = 4) -> Path:
@@ -50,16 +48,6 @@ def brightness_model(prep: dict) -> LoadedModel:
     return LoadedModel(Brightness(), {"preprocessing": prep}, Path("brightness"), torch.device("cpu"))
 
 
-def test_pick_device():
-    assert pick_device("auto").type in ("cpu", "cuda", "mps")
-    assert pick_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="unknown device"):
-        pick_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            pick_device("cuda")
-
-
 def test_load_model_caches_and_reloads_after_resave(tmp_path):
     clear_cache()
     folder = make_checkpoint(tmp_path / "m", bias=3.0)
@@ -79,11 +67,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
         load_model(tmp_path / "missing", "cpu")
 
 
-def test_default_axes_and_frames():
-    assert default_axes((64, 64)) == "YX"
-    assert default_axes((64, 64, 3), rgb=True) == "YXC"
-    assert default_axes((10, 64, 64)) == "ZYX"
-    assert default_axes((5, 64, 64, 3)) == "TYXC"
+def test_frames():
     frames, has_c = frames_of(np.zeros((64, 48, 3)), "YXC")
     assert frames.shape == (1, 64, 48, 3) and has_c
     with pytest.raises(InputError, match="dimensions"):

@@ -11,9 +11,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..axes import AXES, propose_axes
+from ..devices import DEVICES
+
 T = TypeVar("T")
 
-AXES_CHOICES = ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC")
 
 
 def _threshold(text: str) -> float:
@@ -57,7 +59,8 @@ def _scale(text: str) -> float:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="NAME_OR_FOLDER",
                    help="a shipped or user model name (see `napari-sdunet models`) or a checkpoint folder")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    p.add_argument("--device", default="auto",
+                   help=f"one of {', '.join(DEVICES)} or cuda:N; auto: cuda, then mps, then cpu (default)")
     p.add_argument("--threshold", type=_threshold, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="slices/frames per forward pass (default 8)")
@@ -65,8 +68,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="intensity preset; default: the model's own preprocessing")
     p.add_argument("--ct-window", type=_finite, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for CT input (default: the model's, e.g. -40 160)")
-    p.add_argument("--axes", type=str.upper, choices=AXES_CHOICES, default=None,
-                   help="axes of every input (YX, YXC, ZYX, TYX, TYXC); default: from the file format")
+    p.add_argument("--axes", type=str.upper, choices=AXES, default=None,
+                   help=f"axes of every input ({', '.join(AXES)}); default: from the file format")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
     p.add_argument("--scale", type=_scale, default=1.0,
                    help="resize each image by this factor before a native-resolution (tiled) model sees it: "
@@ -89,13 +92,13 @@ def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -
     probabilities come back in the file's own storage, to be written with its own affine.
     """
     from ..errors import InputError
-    from ..inference import default_axes, model_orientation, predict
+    from ..inference import model_orientation, predict
     from ..io import reorient
 
-    axes = (args.axes or vol.axes or default_axes(vol.data.shape)).upper()
+    axes = (args.axes or vol.axes or propose_axes(vol.data.shape)).upper()
     if not axes:
         raise InputError(f"{name}: cannot tell the axes of an array of shape {tuple(vol.data.shape)}; "
-                         "give them with --axes (YX, YXC, ZYX, TYX, TYXC)")
+                         f"give them with --axes ({', '.join(AXES)})")
     if axes == "TZYX":
         raise InputError(f"{name}: 4-D NIfTI (time series of volumes) is not supported")
     data, back = vol.data, (lambda a: a)

@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from ..axes import propose_axes
     from ..errors import OutputError
-    from ..inference import default_axes, load_model, to_labels
+    from ..inference import load_model, to_labels
     from ..io import is_nifti, read_image, write_image, write_mask_like, write_nifti
 
     check_model_options(args)
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     def work(path: Path) -> None:
         nonlocal n_masks
         vol = read_image(path)
-        axes = (args.axes or vol.axes or default_axes(vol.data.shape)).upper()
+        axes = (args.axes or vol.axes or propose_axes(vol.data.shape)).upper()
         targets = output_paths(path, out_dir, len(axes.replace("C", "")), args)
         for t in targets:  # decided before any computation
             if t.resolve() in inputs_resolved:

@@ -17,10 +17,9 @@ from typing import Any
 import napari
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton
 
+from ..devices import DEVICES
+
 log = logging.getLogger("napari_sdunet")
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
 
 def notify_error(message: str) -> None:
     """A napari error notification (no traceback): for problems the user can fix."""

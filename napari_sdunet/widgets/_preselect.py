@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..axes import propose_axes
+
 #: mean red / mean blue at or above which a colour frame counts as colonoscopy
 RED_OVER_BLUE = 1.4
 #: values this far below zero (and above) are Hounsfield units, not intensities
@@ -63,7 +65,7 @@ def task_of_layer(layer: Any) -> tuple[str | None, str]:
         finite = sample[np.isfinite(sample)] if np.issubdtype(sample.dtype, np.floating) else sample
         if finite.size and float(finite.min()) <= HU_LOW and float(finite.max()) >= HU_HIGH:
             return "liver", "values in the Hounsfield range"
-    colour = rgb or (len(shape) == 4 and shape[-1] in (3, 4))
+    colour = propose_axes(shape, rgb=rgb).endswith("C")  # the axes box's rule: one idea of colour
     if not colour and len(shape) >= 3:
         return "liver", f"{len(shape)}-D volume"
     if colour:

@@ -33,8 +33,8 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from ..axes import propose_layer_axes
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, models_changed, notify_error
-from .segment import proposed_axes
 
 LR_CHOICES = [("1e-5", 1e-5), ("3e-5", 3e-5), ("1e-4", 1e-4), ("3e-4", 3e-4), ("1e-3", 1e-3), ("3e-3", 3e-3)]
 
@@ -85,7 +85,7 @@ class PairRow(Container):
         if image is None or labels is None:
             self.info.value = "choose an image and its corrected labels"
             return
-        axes = proposed_axes(image)
+        axes = propose_layer_axes(image)
         from ..inference import spatial_shape
 
         spatial = spatial_shape(np.shape(image.data), axes) if axes else tuple(np.shape(image.data))
@@ -107,7 +107,7 @@ class PairRow(Container):
             raise ValueError(f"{self.label}: choose an image layer and a Labels layer")
         if getattr(image, "multiscale", False) or getattr(labels, "multiscale", False):
             raise ValueError(f"{self.label}: multiscale layers cannot be used; add one level as its own layer")
-        axes = proposed_axes(image)
+        axes = propose_layer_axes(image)
         if not axes:
             raise ValueError(f"{self.label}: cannot tell the axes of {image.name} (shape {np.shape(image.data)})")
         return LabelledImage(np.array(image.data, copy=True), np.array(labels.data, copy=True), axes,

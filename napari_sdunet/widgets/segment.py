@@ -15,19 +15,11 @@ import napari
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, SpinBox
 
+from ..axes import AXES, propose_layer_axes
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
 
-AXES = ("YX", "YXC", "ZYX", "TYX", "TYXC", "ZYXC")
 MODALITIES = [("from the model", None), ("microscopy", "microscopy"),
               ("colonoscopy (RGB)", "colonoscopy"), ("CT (HU window)", "ct")]
-
-
-def proposed_axes(layer: Any) -> str:
-    """Axes the widget proposes for ``layer`` (RGB layers: YXC / TYXC; others by ndim)."""
-    shape = tuple(np.shape(layer.data))
-    if getattr(layer, "rgb", False):
-        return {3: "YXC", 4: "TYXC"}.get(len(shape), "")
-    return {2: "YX", 3: "ZYX", 4: "TYXC" if shape[-1] in (3, 4) else ""}.get(len(shape), "")
 
 
 def output_layer_kwargs(layer: Any, axes: str) -> dict[str, Any]:
@@ -119,10 +111,11 @@ class SegmentWidget(Container):
         if layer is None:
             self.axes_hint.value = "no image layer"
             return
-        proposal = proposed_axes(layer)
+        proposal = propose_layer_axes(layer)
         self.axes.value = proposal or None
         shape = tuple(np.shape(layer.data))
-        why = "RGB layer" if getattr(layer, "rgb", False) else f"{len(shape)}-D layer"
+        why = ("RGB layer" if getattr(layer, "rgb", False)
+               else "last axis read as colour" if proposal.endswith("C") else f"{len(shape)}-D layer")
         self.axes_hint.value = (f"shape {shape}: proposed {proposal} ({why}); change if wrong" if proposal
                                 else f"shape {shape}: choose the axes")
 

@@ -66,6 +66,8 @@ def test_rules_on_hand_made_layers():
     assert task_of_layer(_layer(grey_rgb, rgb=True))[0] == "nuclei"  # fluorescence stored as RGB
     assert task_of_layer(_layer(rng.integers(0, 4000, (64, 64)).astype(np.uint16)))[0] == "nuclei"
     assert task_of_layer(None)[0] is None
+    # a colour image not flagged RGB: colour by the axes rule (YXC), so not a volume
+    assert task_of_layer(_layer(purple, rgb=False))[0] == "nuclei" and purple.shape[-1] == 3
 
 
 @pytest.mark.parametrize("sample", ["nuclei", "polyps", "ct"])
