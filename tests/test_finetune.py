@@ -12,6 +12,7 @@ import torch
 
 from napari_sdunet.augment import Augmented
 from napari_sdunet.checkpoint import load_checkpoint, read_config, save_checkpoint
+from napari_sdunet.errors import InputError
 from napari_sdunet.finetune import (
     FinetuneError,
     LabelledImage,
@@ -21,7 +22,6 @@ from napari_sdunet.finetune import (
     split_frames,
 )
 from napari_sdunet.models import TASKS, create_model
-from napari_sdunet.errors import InputError
 from tests.conftest import shared_data
 
 

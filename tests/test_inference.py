@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from napari_sdunet import CheckpointError, create_model, save_checkpoint
+from napari_sdunet.errors import InputError
 from napari_sdunet.inference import (
     Cancelled,
     LoadedModel,
@@ -22,7 +23,6 @@ from napari_sdunet.inference import (
     to_labels,
 )
 from napari_sdunet.models import TASKS
-from napari_sdunet.errors import InputError
 
 
 def make_checkpoint(folder: Path, task: str = "nuclei", bias: float | None = None, base_filters: int = 4) -> Path:
