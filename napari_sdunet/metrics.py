@@ -2,12 +2,16 @@
 
 * per-image Dice / Jaccard: one value per image, empty prediction + empty reference = 1;
 * global Dice: all pixels of all images pooled;
-* paper (batch-pooled) Dice: the authors' smoothed Dice over each test batch, averaged over batches.
+* paper (batch-pooled) Dice: the authors' smoothed Dice over each test batch, averaged over batches;
+* per-slice rows: the scores of each slice/frame (first axis) of a volume, then the whole.
+
+Pure numpy, so the Compare widget, ``napari-sdunet evaluate`` and the benchmarks score alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +41,55 @@ def scores(tp: int, fp: int, fn: int) -> dict[str, float]:
         "precision": ratio(tp, tp + fp),
         "recall": ratio(tp, tp + fn),
     }
+
+
+#: The scores :func:`scores` gives, in the order tables show them; rows add the counts TP, FP, FN.
+SCORE_NAMES = ("dice", "jaccard", "precision", "recall")
+ROW_COLUMNS = (*SCORE_NAMES, "TP", "FP", "FN")
+
+
+def slice_confusion(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """(TP, FP, FN) per slice along the first axis, shape (n, 3); non-zero is foreground."""
+    p = np.asarray(pred) != 0
+    r = np.asarray(ref) != 0
+    if p.shape != r.shape:
+        raise InputError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    if p.ndim < 3:
+        raise InputError(f"slices need a 3-D or larger mask, got shape {p.shape}")
+    p = p.reshape(p.shape[0], -1)
+    r = r.reshape(r.shape[0], -1)
+    return np.stack([np.count_nonzero(p & r, axis=1), np.count_nonzero(p & ~r, axis=1),
+                     np.count_nonzero(~p & r, axis=1)], axis=1).astype(np.int64)
+
+
+def score_row(name: str, tp: int, fp: int, fn: int) -> dict[str, Any]:
+    """One table row: its name (``"slice 3"``, ``"overall"``), the four scores and the counts."""
+    return {"row": name, **scores(tp, fp, fn), "TP": int(tp), "FP": int(fp), "FN": int(fn)}
+
+
+def metric_rows(pred: np.ndarray, ref: np.ndarray, per_slice: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """Rows of :func:`score_row`: one per slice (3-D+ masks) with foreground in either mask, then
+    ``"overall"`` (all pixels pooled). Also returns how many slices were empty in both and left
+    out (their scores would all be 1 and bury the slices that matter)."""
+    rows: list[dict[str, Any]] = []
+    n_empty = 0
+    if np.ndim(pred) >= 3:
+        counts = slice_confusion(pred, ref)
+        if per_slice:
+            for k, (tp, fp, fn) in enumerate(counts.tolist()):
+                if tp + fp + fn == 0:
+                    n_empty += 1
+                else:
+                    rows.append(score_row(f"slice {k}", tp, fp, fn))
+        total = counts.sum(axis=0).tolist()
+    else:
+        p = np.asarray(pred) != 0
+        r = np.asarray(ref) != 0
+        if p.shape != r.shape:
+            raise InputError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+        total = [int(np.count_nonzero(p & r)), int(np.count_nonzero(p & ~r)), int(np.count_nonzero(~p & r))]
+    rows.append(score_row("overall", *total))
+    return rows, n_empty
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:

@@ -60,6 +60,49 @@ def test_evaluate_nifti_volumes(tmp_path, capsys):
     assert result == {**result, "n": 2, "dice": 0.0, "jaccard": 0.0}
 
 
+def test_evaluate_per_slice_rows_in_output_json_and_csv(tmp_path, capsys):
+    """--per-slice: each slice with foreground in either mask, scored exactly, in all three outputs."""
+    import csv
+
+    from napari_sdunet.metrics import metric_rows
+
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])
+    ct = np.full((4, 32, 32), 100, np.int16)
+    io.write_nifti(tmp_path / "images" / "v.nii.gz", ct, affine=affine)
+    m = np.zeros((4, 32, 32), np.uint8)
+    m[1, :16] = 1  # half of slice 1
+    m[3] = 1  # all of slice 3; slices 0 and 2: foreground in the prediction only
+    io.write_nifti(tmp_path / "masks" / "v.nii.gz", m, affine=affine)
+    io.write_image(tmp_path / "images" / "flat.png", np.zeros((20, 30), np.uint8))
+    io.write_image(tmp_path / "masks" / "flat.png", np.full((20, 30), 255, np.uint8))
+    model = make_checkpoint(tmp_path / "all_fg", task="liver", bias=10.0)  # predicts every voxel
+    table = tmp_path / "out" / "scores.csv"
+    assert main(["evaluate", "--model", str(model), "--images", str(tmp_path / "images"),
+                 "--masks", str(tmp_path / "masks"), "--per-slice", "--csv", str(table), "--json"]) == 0
+    out = capsys.readouterr().out
+    expected, n_empty = metric_rows(np.ones_like(m), m)
+    assert n_empty == 0 and [r["row"] for r in expected] == ["slice 0", "slice 1", "slice 2", "slice 3", "overall"]
+    assert [r["dice"] for r in expected[:4]] == [0.0, pytest.approx(2 * 512 / (512 + 1024)), 0.0, 1.0]
+    assert "  slice 1: dice 0.6667 jaccard 0.5000 (TP 512 FP 512 FN 0)" in out
+    assert expected[-1]["dice"] == pytest.approx(2 * 1536 / (2 * 1536 + 2560))  # TP 512 + 1024, FP 4096 - 1536
+    assert "v.nii.gz: dice 0.5455" in out and "flat.png: dice 1.0000" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["per_slice"] == [{"image": "v.nii.gz", "mask": "v.nii.gz", **r} for r in expected[:4]]
+    rows = list(csv.DictReader(open(table)))
+    assert [(r["image"], r["row"]) for r in rows] == [("flat.png", "overall")] + [
+        ("v.nii.gz", r["row"]) for r in expected]
+    assert rows[2]["dice"] == "0.6667" and rows[2]["TP"] == "512" and rows[-1]["dice"] == "0.5455"
+    # without --per-slice: one row per image, and no per-slice lines or JSON key
+    assert main(["evaluate", "--model", str(model), "--images", str(tmp_path / "images"),
+                 "--masks", str(tmp_path / "masks"), "--csv", str(table), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "  slice" not in out and "per_slice" not in json.loads(out.strip().splitlines()[-1])
+    assert [r["row"] for r in csv.DictReader(open(table))] == ["overall", "overall"]
+    rc = main(["evaluate", "--model", str(model), "--images", str(tmp_path / "images"),
+               "--masks", str(tmp_path / "masks"), "--csv", str(tmp_path)])
+    assert rc != 0 and "is a folder" in capsys.readouterr().err
+
+
 def test_predict_writes_masks_in_source_space(tmp_path, capsys):
     import nibabel as nib
 

@@ -14,12 +14,14 @@ import napari
 import numpy as np
 from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, Table
 
+from ..metrics import ROW_COLUMNS, metric_rows
 from ._common import LayerCombo, layers_of, notify_error
 
 #: overlay values and colours (RGBA): 1 TP white, 2 FP red, 3 FN blue.
 TP, FP, FN = 1, 2, 3
 COLORS = {TP: (1.0, 1.0, 1.0, 1.0), FP: (1.0, 0.0, 0.0, 1.0), FN: (0.0, 0.3, 1.0, 1.0)}
-COLUMNS = ["dice", "jaccard", "precision", "recall", "TP", "FP", "FN"]
+#: table columns: the four scores, then the pixel counts (see :func:`napari_sdunet.metrics.metric_rows`)
+COLUMNS = list(ROW_COLUMNS)
 
 
 def fixed(value: Any, decimals: int = 4) -> Any:
@@ -40,45 +42,6 @@ def overlay_codes(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
     out[p & ~r] = FP
     out[~p & r] = FN
     return out
-
-
-def metric_rows(pred: np.ndarray, ref: np.ndarray) -> tuple[list[str], list[list[Any]], int]:
-    """Table rows: one per slice/frame with foreground in either mask (3-D+), then 'overall'.
-
-    Returns ``(index, rows, n_empty)`` where ``n_empty`` counts slices empty in both (left out).
-    """
-    from ..metrics import scores
-
-    p = np.asarray(pred) != 0
-    r = np.asarray(ref) != 0
-    if p.shape != r.shape:
-        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
-
-    def row(tp: int, fp: int, fn: int) -> list[Any]:
-        s = scores(tp, fp, fn)
-        return [round(s[k], 4) for k in COLUMNS[:4]] + [tp, fp, fn]
-
-    index: list[str] = []
-    rows: list[list[Any]] = []
-    n_empty = 0
-    if p.ndim >= 3:
-        flat_p = p.reshape(p.shape[0], -1)
-        flat_r = r.reshape(r.shape[0], -1)
-        tps = np.count_nonzero(flat_p & flat_r, axis=1)
-        fps = np.count_nonzero(flat_p & ~flat_r, axis=1)
-        fns = np.count_nonzero(~flat_p & flat_r, axis=1)
-        for k, (tp, fp, fn) in enumerate(zip(tps, fps, fns)):
-            if tp + fp + fn == 0:
-                n_empty += 1
-                continue
-            index.append(f"slice {k}")
-            rows.append(row(int(tp), int(fp), int(fn)))
-        total = (int(tps.sum()), int(fps.sum()), int(fns.sum()))
-    else:
-        total = (int(np.count_nonzero(p & r)), int(np.count_nonzero(p & ~r)), int(np.count_nonzero(~p & r)))
-    index.append("overall")
-    rows.append(row(*total))
-    return index, rows, n_empty
 
 
 class CompareWidget(Container):
@@ -198,7 +161,7 @@ class CompareWidget(Container):
             return False
         try:
             codes = overlay_codes(pred.data, ref.data)
-            index, rows, n_empty = metric_rows(pred.data, ref.data)
+            scored, n_empty = metric_rows(pred.data, ref.data)
         except ValueError as e:
             notify_error(f"Compare: {e}")
             return False
@@ -211,10 +174,11 @@ class CompareWidget(Container):
             self._rewatch()
         else:
             self.overlay.data = codes
-        shown = [[fixed(v) for v in r] for r in rows]  # no 1e-05 in the table
+        index = [r["row"] for r in scored]
+        shown = [[fixed(r[c]) for c in COLUMNS] for r in scored]  # no 1e-05 in the table
         self.table.value = {"data": shown, "index": index, "columns": COLUMNS}
         self._rows = (index, shown)
-        overall = dict(zip(COLUMNS, rows[-1]))
+        overall = {c: scored[-1][c] for c in COLUMNS}
         self.overlay.name = f"TP/FP/FN [{pred.name} vs {ref.name}] Dice {fixed(overall['dice'], 3)}"
         self.summary.value = (f"Dice {fixed(overall['dice'])}  Jaccard {fixed(overall['jaccard'])}  "
                               f"precision {fixed(overall['precision'])}  recall {fixed(overall['recall'])}"
