@@ -86,26 +86,27 @@ def train_base(task: str, arch: str, out: Path, steps: int, lr: float, batch_siz
     """A briefly trained base model (training split only) for when no shipped weights exist."""
     import torch
 
-    from napari_sdunet.augment import Augmented
     from napari_sdunet.checkpoint import save_checkpoint
-    from napari_sdunet.finetune import FrameDataset, LabelledImage, labelled_frames
+    from napari_sdunet.finetune import LabelledImage, augment_config, frames_dataset, labelled_frames
     from napari_sdunet.io import read_image, read_mask
-    from napari_sdunet.models import TASKS, create_model
+    from napari_sdunet.models import create_model
+    from napari_sdunet.tasks import TASKS
     from napari_sdunet.train_loop import FitConfig, fit
 
     root = DATA / task
     rows = list(csv.DictReader(open(root / "split.csv")))
-    prep = dict(TASKS[task]["preprocessing"])
+    prep = TASKS[task].preprocessing.to_dict()
     frames = {"train": [], "val": []}
     for r in rows:
         if r["split"] in frames:
             vol = read_image(root / "images" / f"{r['id']}.png")
             item = LabelledImage(vol.data, read_mask(root / "masks" / f"{r['id']}.png"), vol.axes, name=r["id"])
             frames[r["split"]].extend(labelled_frames(item))
-    train, val = FrameDataset(frames["train"], prep), FrameDataset(frames["val"][:40], prep)
+    train, val = frames_dataset(frames["train"], prep), frames_dataset(frames["val"][:40], prep)
     torch.manual_seed(0)
     model = create_model(arch, task=task)
-    res = fit(model, Augmented(train), val, FitConfig(max_steps=steps, epochs=10**6, lr=lr, batch_size=batch_size,
+    batches = train.batches(batch_size, augment=augment_config(True, 0.1, False))
+    res = fit(model, batches, val, FitConfig(max_steps=steps, epochs=10**6, lr=lr, batch_size=batch_size,
                                                       val_every=max(1, steps // 5), patience=None), device="cpu",
               on_progress=lambda p: p.kind == "val" and print(f"  base step {p.step}: val Dice {p.val_dice:.4f}",
                                                               flush=True))

@@ -11,6 +11,11 @@ rotations (rotations on square patches only) -- is applied to image and mask tog
 ``grid_sample`` call over the batch; the mask is resampled bilinearly and thresholded at 0.5, so it
 stays aligned with the image. Intensity jitter (brightness, contrast, saturation, per-channel gain,
 gamma) touches the image only.
+
+:class:`SegDataset` is the one container of labelled images in the project: training from scratch,
+the training campaign and fine-tuning all hold their frames in it, preprocessed by
+:func:`prepare_pair` -- the same :func:`napari_sdunet.preprocess.to_model_input` that inference
+feeds the model with -- and stored as 8-bit.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +35,106 @@ _DIHEDRAL = torch.tensor([
     [[1, 0], [0, 1]], [[-1, 0], [0, 1]], [[1, 0], [0, -1]], [[-1, 0], [0, -1]],
     [[0, 1], [1, 0]], [[0, -1], [1, 0]], [[0, 1], [-1, 0]], [[0, -1], [-1, 0]],
 ], dtype=torch.float32)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """A model input in [0, 1] as uint8 (x 255): a quarter of the RAM; lossless for 8-bit sources."""
+    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def prepare_pair(image: np.ndarray, mask: np.ndarray | None, prep: dict[str, Any], channel_axis: bool | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One labelled frame as the model sees it: image (C, h, w) uint8 and mask (1, h, w) uint8 {0, 1}.
+
+    The image goes through :func:`~napari_sdunet.preprocess.to_model_input` (intensity rule of the
+    modality, channels, resize to ``prep["input_size"]``; None keeps the frame's own size), exactly as
+    at inference; the mask through :func:`~napari_sdunet.preprocess.mask_to_model` (non-zero = foreground).
+    """
+    from .preprocess import mask_to_model, to_model_input
+
+    x = quantize(to_model_input(image, prep, channel_axis=channel_axis))
+    m = None if mask is None else mask_to_model(mask, prep).to(torch.uint8)
+    return x, m
+
+
+@dataclass
+class SegDataset(torch.utils.data.Dataset):
+    """Labelled images in RAM: ``(x (C,H,W) float in [0,1], y (1,H,W) float {0,1})`` per item.
+
+    ``images``/``masks``: a stacked tensor (N,C,H,W) / (N,1,H,W) when all items share a size, or lists
+    of (C,H,W) / (1,H,W) tensors of any sizes (images at native resolution); images uint8 (scaled by
+    1/255 on access) or float in [0, 1]. ``groups`` keeps what a split holds together (a video
+    sequence, a CT volume). Indexing needs one size per item only; :meth:`batches` trains on any.
+    """
+
+    images: torch.Tensor | list[torch.Tensor]
+    masks: torch.Tensor | list[torch.Tensor]
+    ids: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.masks):
+            raise ValueError(f"need as many masks as images, got {len(self.images)} and {len(self.masks)}")
+        if not self.ids:
+            self.ids = [str(i) for i in range(len(self.images))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return x, (self.masks[i] > 0).float()
+
+    @property
+    def stacked(self) -> bool:
+        return torch.is_tensor(self.images)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[np.ndarray, np.ndarray]], prep: dict[str, Any],
+                   ids: Sequence[str] | None = None, groups: Sequence[str] | None = None,
+                   channel_axis: bool | None = None) -> SegDataset:
+        """(image, mask) arrays through :func:`prepare_pair`; stacked when they end up one size."""
+        xs, ms = [], []
+        for image, mask in pairs:
+            x, m = prepare_pair(image, mask, prep, channel_axis)
+            xs.append(x)
+            ms.append(m)
+        if xs and len({tuple(x.shape) for x in xs}) == 1:
+            return cls(torch.stack(xs), torch.stack(ms), list(ids or []), list(groups or []))
+        return cls(xs, ms, list(ids or []), list(groups or []))
+
+    @classmethod
+    def concat(cls, parts: Sequence[SegDataset]) -> SegDataset:
+        """One set of several (stacked when every part is stacked at one size)."""
+        ids = [i for p in parts for i in p.ids]
+        groups = [g for p in parts for g in (p.groups or [""] * len(p))]
+        if parts and all(p.stacked for p in parts) and len({tuple(p.images.shape[1:]) for p in parts}) == 1:
+            return cls(torch.cat([p.images for p in parts]), torch.cat([p.masks for p in parts]), ids, groups)
+        return cls([x for p in parts for x in p.images], [m for p in parts for m in p.masks], ids, groups)
+
+    def subset(self, n: int | None = None, indices: Sequence[int] | None = None) -> SegDataset:
+        """The first ``n`` items (or the given indices)."""
+        idx = list(indices) if indices is not None else list(range(min(n or len(self), len(self))))
+        if self.stacked:
+            t = torch.tensor(idx, dtype=torch.long)
+            images, masks = self.images[t], self.masks[t]
+        else:
+            images, masks = [self.images[i] for i in idx], [self.masks[i] for i in idx]
+        return SegDataset(images, masks, [self.ids[i] for i in idx],
+                          [self.groups[i] for i in idx] if self.groups else [])
+
+    def center_crops(self, size: int) -> SegDataset:
+        """A fixed-size set from items of any sizes: the central ``size`` square of each (see
+        :func:`center_crops`)."""
+        x, m = center_crops(list(self.images), list(self.masks), size)
+        return SegDataset(x, m, list(self.ids), list(self.groups))
+
+    def batches(self, batch_size: int, *, patch: Sequence[int] | None = None, augment: AugmentConfig | None = None,
+                seed: int = 0) -> BatchSource:
+        """Training batches of this set (:class:`BatchSource`)."""
+        return BatchSource(self.images, self.masks, batch_size, patch=patch, augment=augment or AugmentConfig(),
+                           seed=seed)
 
 
 @dataclass
@@ -51,6 +158,18 @@ class AugmentConfig:
     def geometric(self) -> bool:
         return self.flips or self.rot90 or tuple(self.scale) != (1.0, 1.0)
 
+    #: the kinds ``python -m training fit --augment`` names
+    KINDS = ("flip", "rot90", "intensity")
+
+    @classmethod
+    def from_kinds(cls, kinds: Sequence[str], strength: float = 0.15) -> AugmentConfig:
+        """Flips / 90-degree turns / brightness-contrast-gamma jitter of ``strength``, by name."""
+        unknown = set(kinds) - set(cls.KINDS)
+        if unknown:
+            raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {cls.KINDS}")
+        jitter = strength if "intensity" in kinds else 0.0
+        return cls(flips="flip" in kinds, rot90="rot90" in kinds, intensity=jitter, gamma=jitter)
+
 
 @dataclass
 class BatchSource:
@@ -68,6 +187,8 @@ class BatchSource:
     patch: Sequence[int] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
+    rank: int = 0  # under DDP: this process's share of every step (see shard)
+    world: int = 1
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.masks) or len(self.images) == 0:
@@ -87,20 +208,29 @@ class BatchSource:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.images) // self.batch_size)
+        return max(1, len(self.images) // (self.batch_size * self.world))
+
+    def shard(self, rank: int, world: int) -> BatchSource:
+        """The same batches split over ``world`` processes: rank r gets its own ``batch_size`` items
+        of every step (a distinct slice of the epoch's permutation, and its own augmentation draws)."""
+        from dataclasses import replace
+
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+        return replace(self, rank=rank, world=world)
 
     def _generator(self, step: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2**63))
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step * self.world + self.rank) % (2**63))
 
     def indices(self, step: int) -> torch.Tensor:
         """The items of ``step``'s batch: a slice of that epoch's permutation."""
         spe = self.steps_per_epoch
         epoch, k = divmod(step, spe)
         perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        idx = perm[k * self.batch_size:(k + 1) * self.batch_size]
-        if len(idx) < self.batch_size:  # fewer items than one batch: wrap around
-            idx = perm.repeat(math.ceil(self.batch_size / len(perm)))[:self.batch_size]
-        return idx
+        j = k * self.world + self.rank
+        b = self.batch_size
+        # fewer items than the step needs: the permutation wraps around
+        return perm.repeat(math.ceil((j + 1) * b / len(perm)))[j * b:(j + 1) * b]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``step``'s batch (the same tensors every time it is asked for)."""

@@ -28,6 +28,7 @@ from .errors import FinetuneError  # re-exported: napari_sdunet.finetune.Finetun
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
 
+    from .batches import AugmentConfig, BatchSource, SegDataset
     from .train_loop import Progress
 
 #: Defaults chosen by measurement (docs/finetune.md): a real gain on ~10 frames within five minutes on a
@@ -140,53 +141,55 @@ def pairs_from_folders(images_dir: str | os.PathLike, masks_dir: str | os.PathLi
     return out
 
 
-class FrameDataset:
-    """Frames preprocessed once to the model's input: ``(x (C,h,w) float, y (1,h,w) {0,1})``.
+def frames_dataset(frames: Sequence[Frame], prep: dict[str, Any], native: bool = False) -> SegDataset:
+    """Frames as the model sees them (the engine's :func:`~napari_sdunet.batches.prepare_pair`, the
+    preprocessing of inference), in the one dataset class of the project.
 
     ``native``: keep each frame at its own pixel size (for models that infer in tiles at native
-    resolution, see :func:`native_training_data`) instead of resizing it to the model's input size.
+    resolution) instead of resizing it to the model's input size.
     """
+    import torch
 
-    def __init__(self, frames: Sequence[Frame], prep: dict[str, Any], native: bool = False) -> None:
-        from .preprocess import mask_to_model, to_model_input
+    from .batches import SegDataset, prepare_pair
 
-        self.frames = list(frames)
-        if native:
-            prep = dict(prep, input_size=None)
-        self.x = [to_model_input(f.image, prep, channel_axis=f.has_c) for f in self.frames]
-        self.y = [mask_to_model(f.mask, prep) for f in self.frames]
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
+    if native:
+        prep = dict(prep, input_size=None)
+    pairs = [prepare_pair(f.image, f.mask, prep, channel_axis=f.has_c) for f in frames]
+    xs, ms = [x for x, _ in pairs], [m for _, m in pairs]
+    ids = [f"{f.source}[{f.index}]" for f in frames]
+    if xs and len({tuple(x.shape) for x in xs}) == 1:
+        return SegDataset(torch.stack(xs), torch.stack(ms), ids)
+    return SegDataset(xs, ms, ids)
 
 
 #: side of the central square on which native-resolution models are scored while fine-tuning
 NATIVE_VAL_CROP = 256
 
 
-def native_training_data(train: FrameDataset, val: FrameDataset | None, prep: dict[str, Any], batch_size: int,
-                         augment: bool, intensity: float, gamma: bool, seed: int) -> tuple[Any, Any, Any]:
-    """(training batches, validation set, measuring set) for a model that infers at native scale:
-    random patches of the model's training size from the frames at their own pixel size (the
-    training campaign's :class:`~napari_sdunet.batches.BatchSource`), scored on central crops."""
-    import torch
+def augment_config(augment: bool, intensity: float, gamma: bool) -> AugmentConfig:
+    """Fine-tuning's augmentation of the few frames: flips, 90-degree turns (square inputs),
+    brightness/contrast jitter of ``intensity`` and optionally a gamma jitter."""
+    from .batches import AugmentConfig
 
-    from .batches import AugmentConfig, BatchSource, center_crops
+    if not augment:
+        return AugmentConfig()
+    return AugmentConfig(flips=True, rot90=True, intensity=intensity, gamma=0.2 if gamma else 0.0)
 
+
+def training_data(train: SegDataset, val: SegDataset | None, prep: dict[str, Any], batch_size: int,
+                  augment: AugmentConfig, seed: int) -> tuple[BatchSource, SegDataset | None, SegDataset]:
+    """(training batches, validation set, measuring set) of a fine-tuning run.
+
+    A model that infers at native scale (``mode: tiles``) trains on random patches of its training
+    size from the frames at their own pixel size, as in the training campaign, and is scored on their
+    central crops; any other model on the frames resized to its input size.
+    """
+    if prep.get("mode") != "tiles":
+        return train.batches(batch_size, augment=augment, seed=seed), val, val if val is not None else train
     patch = prep.get("input_size") or (128, 128)
-    aug = AugmentConfig(flips=augment, rot90=augment, intensity=intensity if augment else 0.0,
-                        gamma=0.2 if (augment and gamma) else 0.0)
-    source = BatchSource(train.x, train.y, batch_size, patch=patch, augment=aug, seed=seed)
-
-    def crops(ds: FrameDataset) -> Any:
-        x, y = center_crops(ds.x, ds.y, NATIVE_VAL_CROP)
-        return torch.utils.data.TensorDataset(x, (y > 0).float())
-
-    val_set = crops(val) if val is not None and len(val) else None
-    return source, val_set, val_set if val_set is not None else crops(train)
+    source = train.batches(batch_size, patch=patch, augment=augment, seed=seed)
+    val_set = val.center_crops(NATIVE_VAL_CROP) if val is not None and len(val) else None
+    return source, val_set, val_set if val_set is not None else train.center_crops(NATIVE_VAL_CROP)
 
 
 VAL_SPLITS = ("end", "random")
@@ -279,14 +282,6 @@ def _check_writable(output: Path) -> None:
                             f"({e.strerror or e}); choose another folder") from e
 
 
-def fit_schedule(n_train: int, batch_size: int, epochs: int | None, steps: int | None) -> tuple[int, int]:
-    """``(steps_per_epoch, total_steps)`` that :func:`napari_sdunet.train_loop.fit` runs for ``n_train``
-    frames: its loader drops the last partial batch when there is more than one batch."""
-    per_epoch = max(1, n_train // batch_size if n_train > batch_size else 1)
-    total = min(steps if steps is not None else 10**9, (epochs if epochs is not None else 10**9) * per_epoch)
-    return per_epoch, total
-
-
 def _check_output(output: Path, overwrite: bool) -> None:
     from .checkpoint import CONFIG
     from .zoo import PACKAGE_WEIGHTS
@@ -355,40 +350,6 @@ def _frames_text(indices: list[int]) -> str:
             out.append(f"{start}" if start == prev else f"{start}-{prev}")
             start = prev = i
     return ", ".join(out)
-
-
-class _FrozenStatsBatchNorm:
-    """Mixin class swapped onto BatchNorm layers: they stay in eval mode, so the base model's running
-    statistics are used and kept (a few fine-tuning frames would otherwise overwrite them, which costs
-    more held-out Dice than the fine-tuning gains; see docs/finetune.md). Their affine weights still train.
-    """
-
-    def train(self, mode: bool = True):  # noqa: D401 (torch API)
-        return super().train(False)
-
-
-_FROZEN_CLASSES: dict[type, type] = {}
-
-
-def freeze_batchnorm_stats(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
-    """Keep every BatchNorm layer of ``model`` in eval mode; returns what :func:`unfreeze_batchnorm` undoes."""
-    import torch
-
-    changed = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FrozenStatsBatchNorm):
-            cls = type(m)
-            if cls not in _FROZEN_CLASSES:
-                _FROZEN_CLASSES[cls] = type(f"FrozenStats{cls.__name__}", (_FrozenStatsBatchNorm, cls), {})
-            m.__class__ = _FROZEN_CLASSES[cls]
-            m.training = False
-            changed.append((m, cls))
-    return changed
-
-
-def unfreeze_batchnorm(changed: list[tuple[torch.nn.Module, type]]) -> None:
-    for m, cls in changed:
-        m.__class__ = cls
 
 
 def _mix_in_base(net: torch.nn.Module, base_folder: Path, base_weight: float) -> None:
@@ -464,10 +425,9 @@ def finetune(
     When ``should_stop()`` turns true the run ends without writing anything and the result has
     ``cancelled=True`` and ``path=None``.
     """
-    from .augment import Augmented
     from .checkpoint import load_checkpoint, save_checkpoint
     from .devices import pick_device
-    from .train_loop import FitConfig, Progress, evaluate_dice, fit
+    from .train_loop import FitConfig, Progress, evaluate_dice, fit, plan_steps
     from .zoo import resolve_model
 
     t_start = time.perf_counter()
@@ -514,14 +474,10 @@ def finetune(
     prep["channels"] = int(getattr(net, "in_channels", prep.get("channels", 3)))
     status(f"preparing {len(train_frames)} training and {len(val_frames)} validation frames")
     native = prep.get("mode") == "tiles"  # the model sees images at their own pixel size
-    train_set = FrameDataset(train_frames, prep, native=native)
-    val_set = FrameDataset(val_frames, prep, native=native) if val_frames else None
-    train_data: Any = train_set
-    if native:
-        train_data, val_set, measure_set = native_training_data(
-            train_set, val_set, prep, batch_size, augment, augment_intensity, augment_gamma, seed)
-    else:
-        measure_set = val_set if val_set is not None else train_set
+    train_set = frames_dataset(train_frames, prep, native=native)
+    val_set = frames_dataset(val_frames, prep, native=native) if val_frames else None
+    train_data, val_set, measure_set = training_data(
+        train_set, val_set, prep, batch_size, augment_config(augment, augment_intensity, augment_gamma), seed)
     dice_on = "validation" if val_set is not None else "training"
 
     if should_stop is not None and should_stop():
@@ -535,17 +491,15 @@ def finetune(
         dice_before = evaluate_dice(net, measure_set, eval_bs, dev)
         t_eval = time.perf_counter() - t_eval
 
-        # the schedule fit runs (its loader drops a last partial batch): the reported total is fit's own
-        steps_per_epoch, total = fit_schedule(len(train_set), batch_size, epochs, steps)
-        fit_epochs = epochs if epochs is not None else math.ceil(total / steps_per_epoch)
-        fit_steps = steps if steps is not None else (total if epochs is None else None)
+        # fit's own schedule (plan_steps), so that the first report announces the steps fit runs
+        cfg = FitConfig(epochs=epochs if epochs is not None else 10**9, max_steps=steps, lr=lr,
+                        batch_size=batch_size, patience=patience if val_set is not None else None,
+                        seed=seed, trainable=trainable, validate_on_stop=True)
+        steps_per_epoch, total = plan_steps(cfg, train_data)
+        val_every = max(1, min(steps_per_epoch, math.ceil(min(total, DEFAULT_STEPS) / 20)))
+        cfg.val_every = val_every if val_set is not None else steps_per_epoch
         if on_progress is not None:
             on_progress(Progress("val", 0, total, 0, val_dice=dice_before, best_val_dice=dice_before))
-        val_every = max(1, min(steps_per_epoch, math.ceil(min(total, DEFAULT_STEPS) / 20)))
-        cfg = FitConfig(epochs=fit_epochs, max_steps=fit_steps, lr=lr, batch_size=batch_size,
-                        val_every=val_every if val_set is not None else steps_per_epoch,
-                        patience=patience if val_set is not None else None,
-                        seed=seed, trainable=trainable, validate_on_stop=True)
 
         # the time budget covers the whole call: stop training early enough to measure again (as long
         # as the Dice before took) and save
@@ -564,14 +518,11 @@ def finetune(
                   f"{time_budget_s:.0f} s in all" if time_budget_s is not None else None]
         status(f"fine-tuning on {dev} for at most {' or '.join(x for x in limits if x)}")
         base_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-        frozen = freeze_batchnorm_stats(net) if freeze_bn else []
-        try:
-            if augment and not native:
-                train_data = Augmented(train_set, intensity=augment_intensity, gamma=augment_gamma)
+        from contextlib import nullcontext
+
+        with net.freeze_norm_stats() if freeze_bn else nullcontext():  # keeps the base model's BN statistics
             fit_res = fit(net, train_data, val_set, cfg, device=dev,
                           on_progress=on_progress, should_stop=stop)
-        finally:
-            unfreeze_batchnorm(frozen)
         if fit_res.cancelled and user_stopped["flag"]:
             return FinetuneResult(None, dice_before, math.nan, dice_on, len(train_frames), len(val_frames),
                                   fit_res.steps, fit_res.seconds, time.perf_counter() - t_start, True, fit_res.history,

@@ -21,13 +21,11 @@ import numpy as np
 from .axes import check_axes, propose_axes
 from .devices import pick_device
 from .errors import InputError
+from .tasks import MODALITIES, WINDOW, intensity_rule, modality_names
 
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
 
-MODALITIES = ("microscopy", "colonoscopy", "ct")
-#: CT window used when the model's config has none and the user picks the CT preset (liver window).
-DEFAULT_CT_WINDOW = (-40.0, 160.0)
 
 
 class Cancelled(Exception):
@@ -110,20 +108,24 @@ def effective_preprocessing(config: dict[str, Any], modality: str | None = None,
                             ct_window: Sequence[float] | None = None) -> dict[str, Any]:
     """The model's preprocessing, with the user's modality preset and CT window applied.
 
-    ``modality='ct'`` windows HU values (``ct_window``, else the model's, else the liver window);
-    microscopy / colonoscopy scale intensities by dtype or percentiles and never window.
+    A windowing modality (``'ct'``) windows HU values (``ct_window``, else the model's, else the
+    modality's default); the others (microscopy, colonoscopy) scale intensities by bit depth or
+    percentiles and never window (:data:`napari_sdunet.tasks.MODALITIES`).
     """
     prep = dict(config.get("preprocessing") or {})
     if modality is not None:
         if modality not in MODALITIES:
-            raise InputError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
-        if modality == "ct":
-            prep["ct_window"] = list(ct_window or prep.get("ct_window") or DEFAULT_CT_WINDOW)
+            raise InputError(f"unknown modality {modality!r}; choose from {', '.join(modality_names())}")
+        preset = MODALITIES[modality]
+        if preset.rule == WINDOW:
+            prep["ct_window"] = list(ct_window or prep.get("ct_window") or preset.default_window)
         else:
             prep["ct_window"] = None
         prep["modality"] = modality
     elif ct_window is not None:
         prep["ct_window"] = list(ct_window)
+        if intensity_rule(prep) != WINDOW:
+            prep.pop("modality", None)  # a window given on its own is applied, whatever the model's modality
     window = prep.get("ct_window")
     if window:
         try:
@@ -203,6 +205,33 @@ def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, tta: bool = F
     return prob / 4
 
 
+def predict_prepared(model: torch.nn.Module, x: torch.Tensor, prep: dict[str, Any], tta: bool = False,
+                     ) -> torch.Tensor:
+    """Probabilities (N, 1, H, W) for model-ready images ``x`` (N, C, H, W) at their own size.
+
+    The one prediction rule of the project (the plugin, the CLI, validation while training and the test
+    metrics all come here): a ``mode: tiles`` model runs on each image at its own pixel size in
+    overlapping tiles (:mod:`napari_sdunet.tiling`); any other model sees ``x`` resized to its input
+    size, and its probabilities are resized back.
+    """
+    import torch
+
+    from .preprocess import resize
+    from .tiling import predict_tiled
+
+    hw = tuple(x.shape[-2:])
+    if prep.get("mode") == "tiles":
+        tile = prep.get("tile_size") or prep.get("input_size") or (256, 256)
+        multiple = 2 ** int(getattr(model, "depth", 4))
+        probs = [predict_tiled(lambda b: predict_probabilities(model, b, tta), xi, tile,
+                               overlap=int(prep.get("tile_overlap", 32)), multiple=multiple) for xi in x]
+        return torch.stack(probs)[:, None]
+    size = prep.get("input_size")
+    xin = resize(x, (int(size[0]), int(size[1]))) if size else x
+    prob = predict_probabilities(model, xin, tta)
+    return resize(prob, hw) if tuple(prob.shape[-2:]) != hw else prob
+
+
 def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
                  modality: str | None = None, ct_window: Sequence[float] | None = None,
                  tta: bool = False, scale: float = 1.0) -> Generator[tuple[int, int], None, np.ndarray]:
@@ -238,7 +267,7 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
                 x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
-                prob = predict_probabilities(loaded.model, x, tta)
+                prob = predict_prepared(loaded.model, x, prep, tta)  # x is at the model's size already
                 out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
                 yield stop, n
     return out.reshape(spatial_shape(np.shape(data), axes))
@@ -248,17 +277,12 @@ def _predict_tiles(loaded: LoadedModel, frame: np.ndarray, has_c: bool, prep: di
                    scale: float) -> np.ndarray:
     """One frame at its own pixel size (times ``scale``) in overlapping tiles, back at the frame's size."""
     from .preprocess import resize, to_model_input
-    from .tiling import predict_tiled
 
     hw = frame.shape[:2]
     x = to_model_input(frame, dict(prep, input_size=None), channel_axis=has_c)[None]
     if scale != 1.0:
         x = resize(x, (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))))
-    x = x.to(loaded.device)
-    tile = prep.get("tile_size") or prep.get("input_size") or (256, 256)
-    multiple = 2 ** int(getattr(loaded.model, "depth", 4))
-    prob = predict_tiled(lambda b: predict_probabilities(loaded.model, b, tta), x[0], tile,
-                         overlap=int(prep.get("tile_overlap", 32)), multiple=multiple)
+    prob = predict_prepared(loaded.model, x.to(loaded.device), prep, tta)[0, 0]
     prob = resize(prob[None, None], tuple(hw))[0, 0] if tuple(prob.shape) != tuple(hw) else prob
     return prob.clamp_(0, 1).cpu().numpy()
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .batches import BatchSource
 from .devices import pick_device
 from .inference import predict_probabilities
 from .losses import dice_bce_loss, hard_dice
@@ -115,17 +116,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def decoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Parameters of the decoder half (U-Net ups + head; U-Net++ nodes with j >= 1 + head)."""
-    params = []
-    for name, p in model.named_parameters():
-        top = name.split(".")[0]
-        if top in ("ups", "head"):
-            params.append(p)
-        elif top == "nodes" and not name.split(".")[1].endswith("_0"):
-            params.append(p)
-    return params
-
 
 @torch.no_grad()
 def evaluate_dice(model: torch.nn.Module, data: Dataset, batch_size: int = 20,
@@ -206,9 +196,101 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+# -- the parts of a run ---------------------------------------------------------------------------
+
+def select_trainable(model: torch.nn.Module, trainable: str) -> list[torch.nn.Parameter]:
+    """Mark what trains (``"all"``, or ``"decoder"``: the decoder half) and return those parameters."""
+    if trainable == "decoder":
+        params = model.decoder_parameters()  # each network says (SegmentationModel.decoder_parameters)
+    elif trainable == "all":
+        params = list(model.parameters())
+    else:
+        raise ValueError(f"trainable must be 'all' or 'decoder', got {trainable!r}")
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return params
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: FitConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
+
+
+def training_batches(train: Any, cfg: FitConfig, rank: int = 0, world: int = 1) -> BatchSource:
+    """The run's batches: a :class:`~napari_sdunet.batches.BatchSource` as given, or the batches of a
+    :class:`~napari_sdunet.batches.SegDataset` (``cfg.batch_size``, seed ``cfg.seed``, no augmentation);
+    under DDP each rank takes its own share of every step."""
+    from .batches import BatchSource, SegDataset
+
+    if isinstance(train, SegDataset):
+        train = train.batches(cfg.batch_size, seed=cfg.seed)
+    if not isinstance(train, BatchSource):
+        raise TypeError(f"fit trains on a SegDataset or a BatchSource, got {type(train).__name__}")
+    return train.shard(rank, world) if world > 1 else train
+
+
+def plan_steps(cfg: FitConfig, source: BatchSource) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run: what fit does and what every report announces."""
+    steps_per_epoch = source.steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return steps_per_epoch, total
+
+
+@dataclass
+class Validator:
+    """Validation Dice every few steps, the best weights so far and the patience count."""
+
+    val_set: Dataset | None
+    batch_size: int
+    device: torch.device
+    flip_tta: bool = False
+    best_dice: float = -1.0
+    best_step: int = 0
+    checks_since_best: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def has_data(self) -> bool:
+        return self.val_set is not None and len(self.val_set) > 0
+
+    def keep(self, model: torch.nn.Module, step: int) -> None:
+        self.best_state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        self.best_step = step
+
+    def __call__(self, model: torch.nn.Module, step: int, epoch: int, loss: float, seconds: float,
+                 world: int = 1, rank: int = 0) -> float:
+        """Validate at ``step``; keeps the weights when they beat the best (always, without data)."""
+        vd = math.nan
+        if self.has_data:
+            vd = evaluate_dice(model, self.val_set, self.batch_size, self.device, self.flip_tta) if rank == 0 else 0.0
+            if world > 1:  # every rank must take the same early-stopping decision
+                t = torch.tensor([vd], device=self.device if self.device.type == "cuda" else "cpu")
+                torch.distributed.broadcast(t, 0)
+                vd = float(t)
+        if not self.has_data or vd > self.best_dice:
+            if not math.isnan(vd):
+                self.best_dice = vd
+            self.checks_since_best = 0
+            self.keep(model, step)
+        else:
+            self.checks_since_best += 1
+        self.history.append({"step": step, "epoch": epoch, "loss": loss, "val_dice": vd, "seconds": seconds})
+        return vd
+
+    def patience_spent(self, patience: int | None) -> bool:
+        return patience is not None and self.checks_since_best >= patience
+
+
 def fit(
     model: torch.nn.Module,
-    train_set: Dataset,
+    train_set: Any,
     val_set: Dataset | None,
     config: FitConfig,
     *,
@@ -216,65 +298,36 @@ def fit(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     state_dir: str | os.PathLike | None = None,
-    state_every: int = 50,
+    state_every: int | None = 50,
     start_step: int = 0,
     start_cpu_seconds: float = 0.0,
     start_best_dice: float = -1.0,
 ) -> FitResult:
     """Train ``model`` in place; at the end it holds the best-validation weights.
 
-    Datasets yield ``(image (C,H,W) float, mask (1,H,W) float {0,1})``. Without a validation set
+    ``train_set``: a :class:`~napari_sdunet.batches.SegDataset` or a
+    :class:`~napari_sdunet.batches.BatchSource` (batches as a function of the step, augmented or not);
+    ``val_set`` any dataset of ``(image (C,H,W), mask (1,H,W))`` at one size. Without a validation set
     the final weights are kept. ``state_dir``: if it holds a saved state, training resumes from it;
-    the state is rewritten every ``state_every`` steps (and every ``config.state_every_s`` seconds)
-    and at the end. Without a saved state, ``start_*`` continue an earlier run whose weights the model
-    already holds (on a new machine: from the shipped weights, with a fresh optimizer).
+    the state is rewritten every ``state_every`` steps (None: never by count), every
+    ``config.state_every_s`` seconds and at the end. Without a saved state, ``start_*`` continue an
+    earlier run whose weights the model already holds (on a new machine: from the shipped weights,
+    with a fresh optimizer).
     """
     cfg = config
     dev = resolve_device(device)
     rank, world = _dist()
     seed_everything(cfg.seed + rank)
     model.to(dev).train()
-    if cfg.trainable == "decoder":
-        train_params = decoder_parameters(model)
-        keep = {id(p) for p in train_params}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
-    elif cfg.trainable == "all":
-        train_params = [p for p in model.parameters()]
-        for p in train_params:
-            p.requires_grad_(True)
-    else:
-        raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+    train_params = select_trainable(model, cfg.trainable)
     net: torch.nn.Module = model
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(train_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
-
-    source = train_set if hasattr(train_set, "batch") else None  # a BatchSource: batches by step
-    sampler = None
-    if source is not None:
-        if world > 1:
-            raise ValueError("a BatchSource trains in one process; use a Dataset under DDP")
-        loader = None
-        steps_per_epoch = source.steps_per_epoch
-    else:
-        if world > 1:
-            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                            drop_last=len(train_set) > cfg.batch_size * world, num_workers=cfg.num_workers,
-                            generator=gen, pin_memory=dev.type == "cuda")
-        steps_per_epoch = max(1, len(loader))
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    opt = make_optimizer(train_params, cfg)
+    source = training_batches(train_set, cfg, rank, world)
+    steps_per_epoch, total = plan_steps(cfg, source)
     val_every = cfg.val_every or steps_per_epoch
     lr_factor(cfg, 0, total)  # rejects an unknown schedule before any work
     use_amp = cfg.amp and dev.type == "cuda"
@@ -282,15 +335,16 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16
 
-    best_state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    best_dice, best_step, step, checks_since_best = float(start_best_dice), int(start_step), int(start_step), 0
+    val = Validator(val_set, cfg.batch_size, dev, cfg.val_flip_tta, best_dice=float(start_best_dice),
+                    best_step=int(start_step))
+    val.keep(model, int(start_step))
+    step = int(start_step)
     cpu_before = float(start_cpu_seconds)
-    history: list[dict[str, float]] = []
     sdir = Path(state_dir) if state_dir else None
     if sdir is not None and (sdir / "state.json").is_file():
-        best_state, meta = _load_state(sdir, model, opt)
-        best_dice, best_step, step = meta["best_dice"], meta["best_step"], meta["step"]
-        checks_since_best, history = meta["checks_since_best"], meta["history"]
+        val.best_state, meta = _load_state(sdir, model, opt)
+        val.best_dice, val.best_step, step = meta["best_dice"], meta["best_step"], meta["step"]
+        val.checks_since_best, val.history = meta["checks_since_best"], meta["history"]
         cpu_before = float(meta.get("cpu_seconds", 0.0))
     t0 = time.perf_counter()
     cancelled = stopped_early = False
@@ -305,91 +359,59 @@ def fit(
     def checkpoint_state() -> None:
         nonlocal last_save
         if sdir is not None and rank == 0:
-            _save_state(sdir, model, opt, best_state, dict(
-                step=step, best_dice=best_dice, best_step=best_step, checks_since_best=checks_since_best,
-                history=history, config=asdict(cfg), cpu_seconds=cpu_before + time.process_time() - cpu0,
+            _save_state(sdir, model, opt, val.best_state, dict(
+                step=step, best_dice=val.best_dice, best_step=val.best_step,
+                checks_since_best=val.checks_since_best, history=val.history, config=asdict(cfg),
+                cpu_seconds=cpu_before + time.process_time() - cpu0,
                 lr_factor=lr_factor(cfg, max(step - 1, 0), total), total_steps=total))
         last_save = time.perf_counter()
 
     running: list[float] = []
 
     def validate(epoch: int) -> None:
-        nonlocal best_dice, best_step, checks_since_best, best_state
         mean_loss = float(np.mean(running)) if running else math.nan
         running.clear()
-        if val_set is not None and len(val_set):
-            vd = evaluate_dice(model, val_set, cfg.batch_size, dev, cfg.val_flip_tta) if rank == 0 else 0.0
-            if world > 1:  # every rank must take the same early-stopping decision
-                t = torch.tensor([vd], device=dev if dev.type == "cuda" else "cpu")
-                torch.distributed.broadcast(t, 0)
-                vd = float(t)
-        else:
-            vd = math.nan
-        improved = val_set is None or not len(val_set) or vd > best_dice
-        if improved:
-            best_dice, best_step, checks_since_best = (vd if not math.isnan(vd) else best_dice), step, 0
-            best_state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-        else:
-            checks_since_best += 1
-        history.append({"step": step, "epoch": epoch, "loss": mean_loss, "val_dice": vd,
-                        "seconds": time.perf_counter() - t0})
-        report(Progress("val", step, total, epoch, loss=mean_loss, val_dice=vd, best_val_dice=best_dice,
+        vd = val(model, step, epoch, mean_loss, time.perf_counter() - t0, world, rank)
+        report(Progress("val", step, total, epoch, loss=mean_loss, val_dice=vd, best_val_dice=val.best_dice,
                         seconds=time.perf_counter() - t0))
-
-    def batches(epoch: int):
-        """(x, y) of the epoch from the step where it was left, the same after a resume."""
-        skip = step % steps_per_epoch
-        if source is not None:
-            for k in range(skip, steps_per_epoch):
-                yield source.batch(epoch * steps_per_epoch + k)
-            return
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        gen.manual_seed(cfg.seed * 100003 + epoch)  # the same order after a resume
-        for i, xy in enumerate(loader):
-            if i >= skip:
-                yield xy
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     while step < total and not (cancelled or stopped_early):
         epoch = step // steps_per_epoch
-        for x, y in batches(epoch):
-            if should_stop is not None and should_stop():
-                cancelled = True
-                break
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
-            y = y.to(dev, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(cfg, step, total)
-            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=use_amp or use_bf16):
-                logits = net(x)
-            loss = dice_bce_loss(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            running.append(float(loss.detach()))
-            report(Progress("step", step, total, epoch, loss=running[-1], best_val_dice=best_dice,
-                            seconds=time.perf_counter() - t0))
-            if step % val_every == 0 or step == total:
-                validate(epoch)
-                if cfg.patience is not None and checks_since_best >= cfg.patience:
-                    stopped_early = True
-            if step % state_every == 0 or (
-                    cfg.state_every_s is not None and time.perf_counter() - last_save > cfg.state_every_s):
-                checkpoint_state()
-            if step >= total or stopped_early:
-                break
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+        x, y = source.batch(step)  # a function of the step: the same batches after a resume
+        x = x.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
+        y = y.to(dev, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, step, total)
+        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=use_amp or use_bf16):
+            logits = net(x)
+        loss = dice_bce_loss(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        running.append(float(loss.detach()))
+        report(Progress("step", step, total, epoch, loss=running[-1], best_val_dice=val.best_dice,
+                        seconds=time.perf_counter() - t0))
+        if step % val_every == 0 or step == total:
+            validate(epoch)
+            stopped_early = val.patience_spent(cfg.patience)
+        if (state_every and step % state_every == 0) or (
+                cfg.state_every_s is not None and time.perf_counter() - last_save > cfg.state_every_s):
+            checkpoint_state()
     if cancelled and cfg.validate_on_stop and running:  # steps since the last validation
         validate(step // steps_per_epoch)
     checkpoint_state()
-    model.load_state_dict(best_state)
+    model.load_state_dict(val.best_state)
     model.eval()
     seconds = time.perf_counter() - t0
-    report(Progress("done", step, total, step // steps_per_epoch, best_val_dice=best_dice, seconds=seconds))
-    return FitResult(best_dice, best_step, step, cancelled, stopped_early, seconds, history,
+    report(Progress("done", step, total, step // steps_per_epoch, best_val_dice=val.best_dice, seconds=seconds))
+    return FitResult(val.best_dice, val.best_step, step, cancelled, stopped_early, seconds, val.history,
                      cpu_seconds=cpu_before + time.process_time() - cpu0)

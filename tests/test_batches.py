@@ -77,3 +77,35 @@ def test_images_smaller_than_the_patch_are_padded():
     ims, mks = _blobs(3, [(40, 30)])
     x, y = BatchSource(ims, mks, 3, patch=(64, 64), augment=AugmentConfig(flips=True)).batch(0)
     assert x.shape == (3, 3, 64, 64) and ((x[:, 0] >= 0.5).float() == y[:, 0]).float().mean() > 0.99
+
+
+def test_flips_and_turns_draw_all_eight_orientations_exactly():
+    """Without zoom, each sample is one of the 8 dihedral copies of its frame, pixel for pixel."""
+    m = (torch.rand(1, 24, 24, generator=torch.Generator().manual_seed(0)) > 0.7).to(torch.uint8)
+    x = (m * 255).repeat(3, 1, 1)
+    src = BatchSource(x[None].repeat(8, 1, 1, 1), m[None].repeat(8, 1, 1, 1), 8,
+                      augment=AugmentConfig(flips=True, rot90=True), seed=2)
+    copies = {torch.rot90(t, k, (-2, -1)).numpy().tobytes() for k in range(4) for t in (m[0], m[0].flip(-1))}
+    seen = set()
+    for step in range(6):
+        xb, yb = src.batch(step)
+        assert torch.equal((xb[:, 0] >= 0.5).float(), yb[:, 0])
+        for y in yb[:, 0].to(torch.uint8):
+            assert y.numpy().tobytes() in copies
+            seen.add(y.numpy().tobytes())
+    assert len(seen) == 8
+
+
+def test_non_square_frames_keep_their_shape_under_flips_and_turns():
+    ims, mks = _blobs(4, [(16, 24)])
+    x, y = BatchSource(ims, mks, 4, augment=AugmentConfig(flips=True, rot90=True, intensity=0.3, gamma=0.3)).batch(0)
+    assert x.shape == (4, 3, 16, 24) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_ddp_shards_split_every_step_without_overlap():
+    ims, mks = _blobs(16, [(32, 32)])
+    src = BatchSource(ims, mks, 2, seed=5)
+    r0, r1 = src.shard(0, 2), src.shard(1, 2)
+    assert r0.steps_per_epoch == r1.steps_per_epoch == 4
+    seen = torch.cat([torch.cat([r0.indices(s), r1.indices(s)]) for s in range(4)])
+    assert sorted(seen.tolist()) == list(range(16))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sdunet.augment import Augmented
 from napari_sdunet.checkpoint import load_checkpoint, read_config, save_checkpoint
 from napari_sdunet.errors import InputError
 from napari_sdunet.finetune import (
@@ -21,7 +20,8 @@ from napari_sdunet.finetune import (
     pairs_from_folders,
     split_frames,
 )
-from napari_sdunet.models import TASKS, create_model
+from napari_sdunet.models import create_model
+from napari_sdunet.tasks import TASKS
 from tests.conftest import shared_data
 
 
@@ -55,14 +55,14 @@ def base_model(tmp_path):
     torch.manual_seed(0)
     model = create_model("unet", task="nuclei", base_filters=8, depth=2)
     return save_checkpoint(model, tmp_path / "base", task="nuclei",
-                           preprocessing=TASKS["nuclei"]["preprocessing"], card="# base\n")
+                           preprocessing=TASKS["nuclei"].preprocessing.to_dict(), card="# base\n")
 
 
 @pytest.fixture
 def pretrained_base(tmp_path):
     """A small U-Net trained for a few seconds on 12 colour (H&E-like) nuclei training images: a base
     model with real BatchNorm statistics that is weak on the grey fluorescence images used below."""
-    from napari_sdunet.finetune import FrameDataset, LabelledImage, labelled_frames
+    from napari_sdunet.finetune import LabelledImage, augment_config, frames_dataset, labelled_frames
     from napari_sdunet.io import read_image, read_mask
     from napari_sdunet.train_loop import FitConfig, fit
 
@@ -70,12 +70,12 @@ def pretrained_base(tmp_path):
     splits = {r["id"]: r["split"] for r in csv.DictReader(open(root / "split.csv"))}
     ids = sorted(r["id"] for r in csv.DictReader(open(root / "metadata.csv"))
                  if r["grayscale_rgb"] == "0" and splits[r["id"]] == "train")[:12]
-    prep = TASKS["nuclei"]["preprocessing"]
+    prep = TASKS["nuclei"].preprocessing.to_dict()
     frames = [f for i in ids for f in labelled_frames(LabelledImage(
         read_image(root / "images" / f"{i}.png").data, read_mask(root / "masks" / f"{i}.png"), "YXC"))]
     torch.manual_seed(0)
     model = create_model("unet", task="nuclei", base_filters=8, depth=2)
-    fit(model, Augmented(FrameDataset(frames, prep)), None,
+    fit(model, frames_dataset(frames, prep).batches(6, augment=augment_config(True, 0.1, False)), None,
         FitConfig(epochs=1000, max_steps=60, lr=3e-3, batch_size=6, patience=None), device="cpu")
     return save_checkpoint(model, tmp_path / "base", task="nuclei", preprocessing=prep, card="# base\n")
 
@@ -102,7 +102,7 @@ def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, pretrai
     assert first.kind == "val" and first.step == 0 and first.val_dice == pytest.approx(res.dice_before)
     # a normal checkpoint folder, with its provenance and a card naming the base model
     cfg = read_config(res.path)
-    assert cfg["task"] == "nuclei" and cfg["preprocessing"] == TASKS["nuclei"]["preprocessing"]
+    assert cfg["task"] == "nuclei" and cfg["preprocessing"] == TASKS["nuclei"].preprocessing.to_dict()
     ft = cfg["finetune"]
     assert ft["base_model"] == "base" and ft["steps"] == 40 and ft["n_train"] == 6
     assert ft["dice_after"] == pytest.approx(res.dice_after)
@@ -304,10 +304,15 @@ def test_reported_total_is_what_fit_runs(tmp_path, base_model):
     assert res.steps == 2
     assert {p.total_steps for p in seen} == {2}
     assert seen[0].kind == "val" and seen[0].step == 0
-    from napari_sdunet.finetune import fit_schedule
+    from napari_sdunet.batches import BatchSource
+    from napari_sdunet.train_loop import FitConfig, plan_steps
 
-    assert fit_schedule(5, 4, 2, None) == (1, 2) and fit_schedule(4, 4, 2, None) == (1, 2)
-    assert fit_schedule(9, 4, None, 5) == (2, 5) and fit_schedule(9, 4, 3, 100) == (2, 6)
+    def plan(n, batch, epochs, steps):
+        src = BatchSource(torch.zeros(n, 1, 8, 8), torch.zeros(n, 1, 8, 8), batch)
+        return plan_steps(FitConfig(epochs=epochs or 10**9, max_steps=steps, batch_size=batch), src)
+
+    assert plan(5, 4, 2, None) == (1, 2) and plan(4, 4, 2, None) == (1, 2)
+    assert plan(9, 4, None, 5) == (2, 5) and plan(9, 4, 3, 100) == (2, 6)
 
 
 def test_time_budget_ends_the_run_and_saves(tmp_path, base_model):
@@ -390,7 +395,7 @@ def test_a_native_resolution_model_finetunes_on_native_patches(tmp_path, monkeyp
     from napari_sdunet.batches import BatchSource
 
     model = create_model("unet", task="nuclei", base_filters=4, depth=2)
-    prep = dict(TASKS["nuclei"]["preprocessing"], input_size=[32, 32], mode="tiles", tile_size=[64, 64])
+    prep = dict(TASKS["nuclei"].preprocessing.to_dict(), input_size=[32, 32], mode="tiles", tile_size=[64, 64])
     base = save_checkpoint(model, tmp_path / "native", task="nuclei", preprocessing=prep, card="# n\n")
     rng = np.random.default_rng(0)
     pairs = [(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8), (rng.random((150, 200)) > 0.6).astype(np.uint8))

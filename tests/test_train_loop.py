@@ -3,10 +3,10 @@
 import math
 
 import torch
-from torch.utils.data import TensorDataset
 
+from napari_sdunet.batches import SegDataset
 from napari_sdunet.models import create_model
-from napari_sdunet.train_loop import FitConfig, decoder_parameters, fit
+from napari_sdunet.train_loop import FitConfig, fit
 
 
 def _blobs(n=12, size=32, seed=0):
@@ -20,7 +20,7 @@ def _blobs(n=12, size=32, seed=0):
         img = 0.3 * torch.rand(3, size, size, generator=g) + 0.6 * m
         xs.append(img)
         ys.append(m[None])
-    return TensorDataset(torch.stack(xs), torch.stack(ys))
+    return SegDataset(torch.stack(xs), torch.stack(ys))
 
 
 def _small_unet():
@@ -82,7 +82,7 @@ def test_decoder_only_freezes_encoder():
         if k in enc_before:
             assert torch.equal(v, enc_before[k])
     pp = create_model("unetpp", task="nuclei", base_filters=4)
-    names = {n for n, p in pp.named_parameters() if any(p is q for q in decoder_parameters(pp))}
+    names = {n for n, p in pp.named_parameters() if any(p is q for q in pp.decoder_parameters())}
     assert any(n.startswith("nodes.x0_3") for n in names) and not any(n.startswith("nodes.x1_0") for n in names)
 
 

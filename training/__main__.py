@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from napari_sdunet.models import TASKS, list_models
+from napari_sdunet.batches import AugmentConfig
+from napari_sdunet.models import list_models
+from napari_sdunet.tasks import TASKS
 
 
 def _size(text: str) -> list[int]:
@@ -32,7 +34,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patience", type=int, default=30, help="validations without improvement (0: off)")
     p.add_argument("--val-every", type=int, default=0, help="steps between validations (0: each epoch)")
-    p.add_argument("--augment", nargs="*", default=[], choices=["flip", "rot90", "intensity"])
+    p.add_argument("--augment", nargs="*", default=[], choices=list(AugmentConfig.KINDS))
     p.add_argument("--flip-tta", action="store_true", help="test-time flips at evaluation")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--limit-train", type=int)
@@ -84,7 +86,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
         res = native_test(resolve_model(a.model), task, a.source or "nuclei", a.data_root, a.limit_test)
     else:
-        size = prep.get("input_size") or TASKS[task]["preprocessing"]["input_size"]
+        size = prep.get("input_size") or list(TASKS[task].preprocessing.input_size)
         res = test_model(model, task, size, a.data_root, a.source, a.flip_tta, a.limit_test, prep.get("ct_window"))
     text = json.dumps(res, indent=2)
     if a.json:

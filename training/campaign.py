@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_sdunet.models import TASKS
+from napari_sdunet.tasks import TASKS
 
 try:
     import tomllib
@@ -196,18 +196,16 @@ def _augment(recipe: Recipe):
 
 def build_data(entry: RunEntry, data_root: str | None = None, limit: int | None = None):
     """(train BatchSource, val SegDataset, preprocessing record) of a run's recipe."""
-    from napari_sdunet.batches import BatchSource
-
-    from .datasets import center_crops, load_native, load_split
+    from .datasets import load_native, load_split
     from .runner import preprocessing_for
 
     r = entry.recipe
     if r.native:
-        ims, mks, _ = load_native(r.task, "train", source=r.source, data_root=data_root, limit=limit)
-        vims, vmks, vids = load_native(r.task, "val", source=r.source, data_root=data_root, limit=limit)
-        val = center_crops(vims, vmks, vids, int(r.val_crop))
-        patch = r.patch or TASKS[r.task]["preprocessing"]["input_size"]
-        train = BatchSource(ims, mks, r.batch_size, patch=patch, augment=_augment(r), seed=entry.seed)
+        tr = load_native(r.task, "train", source=r.source, data_root=data_root, limit=limit)
+        val = load_native(r.task, "val", source=r.source, data_root=data_root, limit=limit)
+        val = val.center_crops(int(r.val_crop))
+        patch = r.patch or list(TASKS[r.task].preprocessing.input_size)
+        train = tr.batches(r.batch_size, patch=patch, augment=_augment(r), seed=entry.seed)
         prep = preprocessing_for(r.task, list(patch))
         prep.update(mode="tiles", tile_size=list(r.tile_size), tile_overlap=int(r.tile_overlap))
         return train, val, prep
@@ -215,7 +213,7 @@ def build_data(entry: RunEntry, data_root: str | None = None, limit: int | None 
     common = dict(source=r.source, data_root=data_root, size=prep["input_size"], ct_window=prep["ct_window"])
     tr = load_split(r.task, "train", limit=limit, **common)
     val = load_split(r.task, "val", limit=limit, **common)
-    train = BatchSource(tr.images, tr.masks, r.batch_size, patch=r.patch, augment=_augment(r), seed=entry.seed)
+    train = tr.batches(r.batch_size, patch=r.patch, augment=_augment(r), seed=entry.seed)
     return train, val, prep
 
 
@@ -238,7 +236,7 @@ def shipped_campaign_record(entry: RunEntry) -> dict[str, Any] | None:
 
 def initial_weights(entry: RunEntry, camp: Campaign) -> str | None:
     """Folder to warm-start from (``init``): the shipped model, the baseline of the same task, a path."""
-    from .reproduce import WARM_FROM
+    from napari_sdunet.models import get_arch
 
     if entry.init == "none":
         return None
@@ -246,7 +244,7 @@ def initial_weights(entry: RunEntry, camp: Campaign) -> str | None:
         f = shipped_folder(entry)
         return str(f) if (f / "config.json").is_file() else None
     if entry.init == "baseline":
-        base = WARM_FROM.get(entry.arch)
+        base = get_arch(entry.arch).baseline
         if base is None:
             raise CampaignError(f"run {entry.name}: {entry.arch} has no baseline to warm-start from")
         for other in camp.runs:
@@ -327,7 +325,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     import torch
 
     from napari_sdunet.checkpoint import load_checkpoint
-    from napari_sdunet.models import create_model
+    from napari_sdunet.models import create_model, get_arch
     from napari_sdunet.train_loop import FitConfig, Progress, fit
 
     from .runner import warm_start
@@ -359,7 +357,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
         else:
             src = initial_weights(entry, camp)
             if src:
-                warm = warm_start(model, src, gate_bias=3.0 if entry.arch.startswith("sd") else None)
+                warm = warm_start(model, src, gate_bias=3.0 if get_arch(entry.arch).has_sdn else None)
                 info["warm_start"] = dict(warm, source=src)
                 log(rd, f"warm start from {src}: {warm['copied']}/{warm['total']} tensors copied, "
                         f"{warm['gates_opened']} SDN gates opened")

@@ -64,10 +64,10 @@ def native_test(model_folder: Path, task: str, source: str, data_root: str | Non
 
     from .datasets import load_native
 
-    images, masks, ids = load_native(task, split, source=source, data_root=data_root, limit=limit)
+    data = load_native(task, split, source=source, data_root=data_root, limit=limit)
     loaded = load_model(model_folder, "cpu")
     preds, refs = [], []
-    for im, mk in zip(images, masks):
+    for im, mk in zip(data.images, data.masks):
         prob = predict(loaded, np.moveaxis(im.numpy(), 0, -1), "YXC")
         preds.append(prob >= 0.5)
         refs.append(mk[0].numpy() > 0)

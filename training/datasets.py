@@ -1,7 +1,10 @@
 """Data sets of the three tasks, in our uniform layout and in the layouts of the original downloads.
 
-Every loader returns a :class:`SegDataset` of ``(image (C,H,W) float32 in [0,1], mask (1,H,W) {0,1})``
-pairs at the task's input size. Layouts understood (detected from the folder):
+Every loader returns the engine's :class:`~napari_sdunet.batches.SegDataset` of ``(image (C,H,W) float32
+in [0,1], mask (1,H,W) {0,1})`` pairs at the task's input size, each image read by
+:func:`napari_sdunet.io.read_image` and preprocessed by :func:`napari_sdunet.batches.prepare_pair` --
+the reader and the preprocessing that inference applies to a user's image. Layouts understood
+(detected from the folder):
 
 * nuclei: ``images/ + masks/ + split.csv`` (``nuclei_96``, ``nuclei``: resized), or the DSB2018
   download ``stage1_train/<id>/images/<id>.png + masks/*.png`` (masks unioned; 80/10/10 split, seed 42);
@@ -20,16 +23,13 @@ import os
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
+from napari_sdunet.batches import SegDataset
 from napari_sdunet.io import natural_key
-from napari_sdunet.models import TASKS
+from napari_sdunet.tasks import TASKS
 
 #: CVC-ClinicDB frame ranges of its 29 video sequences (published with the data set).
 CVC_SEQUENCES = [(1, 25), (26, 50), (51, 67), (68, 78), (79, 103), (104, 126), (127, 151), (152, 177), (178, 199),
@@ -57,96 +57,20 @@ def default_data_root() -> Path:
     return Path(env) if env else repo_root().parent / "shared" / "data"
 
 
-# -- small image helpers ---------------------------------------------------------------------------
+# -- reading ------------------------------------------------------------------------------------------
 
 def read_image(path: Path) -> np.ndarray:
-    """A PNG/TIFF/JPEG as a numpy array (H, W) or (H, W, C), alpha dropped."""
-    from PIL import Image
+    """A PNG/TIFF/JPEG as a numpy array (H, W) or (H, W, C), through the plugin's reader."""
+    from napari_sdunet.io import read_image as read
 
-    with Image.open(path) as im:
-        arr = np.asarray(im)
-    if arr.ndim == 3 and arr.shape[-1] == 4:
-        arr = arr[..., :3]
-    return arr
+    return np.asarray(read(path).data)
 
 
-def _resize_image(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(N, C, H, W) float -> bilinear (antialiased when shrinking) at ``size``."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
-
-
-def _resize_mask(m: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """(N, 1, H, W) {0,1} -> {0,1} at ``size`` (area-weighted, then >= 0.5)."""
-    if tuple(m.shape[-2:]) == tuple(size):
-        return m
-    return (_resize_image(m.float(), size) >= 0.5).float()
-
-
-def to_chw(arr: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W[, C]) uint8 -> (channels, H, W) uint8: grey repeated to RGB, RGB averaged to grey."""
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[-1] != channels:
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, channels, axis=-1)
-        else:
-            arr = np.round(arr[..., :3].astype(np.float32).mean(-1, keepdims=True)).astype(np.uint8)
-    return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
-
-
-# -- the dataset -------------------------------------------------------------------------------------
-
-@dataclass
-class Sample:
-    id: str
-    group: str = ""  # sequence / volume: what the split keeps together
-
-
-@dataclass
-class SegDataset(Dataset):
-    """Images (N, C, H, W) in [0, 1] float32 or uint8 (scaled by 1/255 on access) + masks (N, 1, H, W)."""
-
-    images: torch.Tensor
-    masks: torch.Tensor
-    ids: list[str]
-    groups: list[str] = field(default_factory=list)
-    augment: object | None = None  # callable (x, y) -> (x, y), applied per sample
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[i]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        y = self.masks[i].float()
-        if self.augment is not None:
-            x, y = self.augment(x, y)
-        return x, y
-
-    def subset(self, n: int | None = None, indices: Sequence[int] | None = None) -> SegDataset:
-        """The first ``n`` samples (or the given indices)."""
-        idx = list(indices) if indices is not None else list(range(min(n or len(self), len(self))))
-        t = torch.tensor(idx, dtype=torch.long)
-        return SegDataset(self.images[t], self.masks[t], [self.ids[i] for i in idx],
-                          [self.groups[i] for i in idx] if self.groups else [], self.augment)
-
-
-def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], size: Sequence[int], channels: int,
-           ids: list[str], groups: list[str]) -> SegDataset:
-    """Resize (image uint8 (C,H,W), mask bool (H,W)) pairs to ``size`` and stack them as uint8."""
-    if not pairs:
-        raise DataError("no samples selected")
-    imgs, masks = [], []
-    for img, mask in pairs:
-        x = torch.tensor(img)[None].float()
-        m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
-        x = _resize_image(x, size).round().clamp(0, 255).to(torch.uint8)
-        imgs.append(x[0])
-        masks.append(_resize_mask(m, size)[0].to(torch.uint8))
-    return SegDataset(torch.stack(imgs), torch.stack(masks), ids, groups)
+def image_prep(task: str, size: Sequence[int] | None) -> dict:
+    """Preprocessing of a task's 2-D image files: the task's channels, scaled by bit depth (8-bit
+    files, CT slices included: those are windowed already), resized to ``size`` (None: native)."""
+    channels = TASKS[task].preprocessing.channels
+    return {"input_size": list(size) if size else None, "channels": channels, "ct_window": None}
 
 
 def _read_split_csv(path: Path) -> dict[str, tuple[str, str]]:
@@ -193,14 +117,18 @@ def _want(split: str | Sequence[str]) -> set[str]:
 
 # -- 2-D sets ----------------------------------------------------------------------------------------
 
-def _uniform_2d(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
+def _uniform_2d(root: Path, splits: set[str], prep: dict, limit: int | None) -> SegDataset:
     table = _read_split_csv(root / "split.csv")
     ids = spread([i for i in sorted(table, key=natural_key) if table[i][0] in splits], limit)
-    pairs = []
-    for i in ids:
-        img = read_image(root / "images" / f"{i}.png")
-        pairs.append((to_chw(img, channels), read_image(root / "masks" / f"{i}.png") > 0))
-    return _stack(pairs, size, channels, ids, [table[i][1] for i in ids])
+    if not ids:
+        raise DataError(f"{root}: no images in split {sorted(splits)}")
+    pairs = [(read_image(root / "images" / f"{i}.png"), _mask_png(root / "masks" / f"{i}.png")) for i in ids]
+    return SegDataset.from_pairs(pairs, prep, ids, [table[i][1] for i in ids])
+
+
+def _mask_png(path: Path) -> np.ndarray:
+    m = read_image(path)
+    return (m if m.ndim == 2 else m[..., 0]) > 0
 
 
 def spread(items: list, limit: int | None) -> list:
@@ -211,7 +139,7 @@ def spread(items: list, limit: int | None) -> list:
     return [items[int(i * step)] for i in range(limit)]
 
 
-def _dsb2018(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
+def _dsb2018(root: Path, splits: set[str], prep: dict, limit: int | None) -> SegDataset:
     base = root / "stage1_train" if (root / "stage1_train").is_dir() else root
     ids_all = sorted(p.name for p in base.iterdir() if (p / "images").is_dir())
     table = random_split(ids_all)
@@ -219,17 +147,14 @@ def _dsb2018(root: Path, splits: set[str], size: Sequence[int], channels: int, l
     pairs = []
     for i in ids:
         img = read_image(base / i / "images" / f"{i}.png")
-        mask = None
-        for mp in sorted((base / i / "masks").glob("*.png")):
-            m = read_image(mp) > 127
-            mask = m if mask is None else mask | m
-        if mask is None:
-            mask = np.zeros(img.shape[:2], bool)
-        pairs.append((to_chw(img, channels), mask))
-    return _stack(pairs, size, channels, ids, ["" for _ in ids])
+        mask = np.zeros(img.shape[:2], bool)
+        for mp in sorted((base / i / "masks").glob("*.png")):  # one file per nucleus: their union
+            mask |= read_image(mp) > 127
+        pairs.append((img, mask))
+    return SegDataset.from_pairs(pairs, prep, ids, ["" for _ in ids])
 
 
-def _cvc_clinicdb(root: Path, splits: set[str], size: Sequence[int], channels: int, limit: int | None) -> SegDataset:
+def _cvc_clinicdb(root: Path, splits: set[str], prep: dict, limit: int | None) -> SegDataset:
     orig = root / "Original"
     gt = root / "Ground Truth"
     files = sorted((p for p in orig.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png")),
@@ -242,52 +167,31 @@ def _cvc_clinicdb(root: Path, splits: set[str], size: Sequence[int], channels: i
         if not mp.is_file():
             raise DataError(f"{p.name} has no ground truth in {gt}")
         m = read_image(mp)
-        pairs.append((to_chw(read_image(p), channels), (m if m.ndim == 2 else m[..., 0]) >= 128))
+        pairs.append((read_image(p), (m if m.ndim == 2 else m[..., 0]) >= 128))
         ids.append(p.stem)
         groups.append(str(cvc_sequence_of(int(p.stem))))
-    return _stack(pairs, size, channels, ids, groups)
+    return SegDataset.from_pairs(pairs, prep, ids, groups)
 
 
 def load_native(task: str, split: str | Sequence[str], *, source: str | os.PathLike | None = None,
-                data_root: str | os.PathLike | None = None, limit: int | None = None,
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
-    """A 2-D split at its own pixel size: lists of uint8 images (C,H,W) and masks (1,H,W) {0,1}, ids.
+                data_root: str | os.PathLike | None = None, limit: int | None = None) -> SegDataset:
+    """A 2-D split at its own pixel size: a :class:`SegDataset` of images of many sizes.
 
-    For training on random patches at native scale (:class:`napari_sdunet.batches.BatchSource`) and
+    For training on random patches at native scale (:meth:`SegDataset.batches` with a patch size) and
     tiled inference; only the uniform layout (``images/ + masks/ + split.csv``) is read this way.
     """
     path = resolve_source(task, source, data_root)
     if detect_layout(path) != "uniform_2d":
         raise DataError(f"{path}: native-resolution training needs the images/ + masks/ + split.csv layout")
-    channels = int(TASKS[task]["preprocessing"]["channels"])
-    table = _read_split_csv(path / "split.csv")
-    want = _want(split)
-    ids = spread([i for i in sorted(table, key=natural_key) if table[i][0] in want], limit)
-    if not ids:
-        raise DataError(f"{path}: no images in split {sorted(want)}")
-    images, masks = [], []
-    for i in ids:
-        images.append(torch.from_numpy(to_chw(read_image(path / "images" / f"{i}.png"), channels)))
-        m = read_image(path / "masks" / f"{i}.png")
-        masks.append(torch.from_numpy(((m if m.ndim == 2 else m[..., 0]) > 0).astype(np.uint8))[None])
-    return images, masks, ids
-
-
-def center_crops(images: list[torch.Tensor], masks: list[torch.Tensor], ids: list[str], size: int,
-                 ) -> SegDataset:
-    """A fixed-size validation set from native images (:func:`napari_sdunet.batches.center_crops`)."""
-    from napari_sdunet.batches import center_crops as crops
-
-    x, m = crops(images, masks, size)
-    return SegDataset(x, m, list(ids))
+    return _uniform_2d(path, _want(split), image_prep(task, None), limit)
 
 
 # -- CT volumes --------------------------------------------------------------------------------------
 
-def window(hu: np.ndarray, win: Sequence[float]) -> np.ndarray:
-    """HU -> [0, 1] through the window [lo, hi] (the model input of the liver task)."""
-    lo, hi = float(win[0]), float(win[1])
-    return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+def ct_prep(size: Sequence[int] | None, win: Sequence[float]) -> dict:
+    """Preprocessing of HU volumes: the liver model's (window ``win``, one channel, ``size``)."""
+    return {"input_size": list(size) if size else None, "channels": 1, "modality": "ct",
+            "ct_window": [float(win[0]), float(win[1])]}
 
 
 def read_volume(path: Path) -> np.ndarray:
@@ -304,15 +208,11 @@ def read_volume(path: Path) -> np.ndarray:
     return np.ascontiguousarray(reorient(vol.data, vol.affine)[0])
 
 
-def volume_slices(ct: np.ndarray, mask: np.ndarray | None, size: Sequence[int], win: Sequence[float],
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HU volume (Z, Y, X) -> windowed float slices (Z, 1, h, w) and {0,1} masks at ``size``."""
-    x = torch.from_numpy(window(ct, win))[:, None]
-    x = _resize_image(x, size)
-    m = None
-    if mask is not None:
-        m = _resize_mask(torch.from_numpy((np.asarray(mask) > 0).astype(np.float32))[:, None], size)
-    return x, m
+def volume_set(vid: str, ct: np.ndarray, mask: np.ndarray, prep: dict) -> SegDataset:
+    """The axial slices of one HU volume (Z, Y, X) as the model sees them (``prep``: :func:`ct_prep`)."""
+    pairs = [(ct[k], mask[k]) for k in range(ct.shape[0])]
+    return SegDataset.from_pairs(pairs, prep, [f"{vid}_{k:04d}" for k in range(len(pairs))], [vid] * len(pairs),
+                                 channel_axis=False)
 
 
 def _hu_volume_pairs(root: Path) -> list[tuple[str, Path, Path]]:
@@ -357,16 +257,8 @@ def load_volumes(root: Path, splits: str | Sequence[str] = "test", data_root: Pa
     return out
 
 
-def _ct_slices(root: Path, splits: set[str], size: Sequence[int], win: Sequence[float],
-               data_root: Path | None, limit: int | None) -> SegDataset:
-    xs, ms, ids, groups = [], [], [], []
-    for vid, ct, mask in load_volumes(root, splits, data_root):
-        x, m = volume_slices(ct, mask, size, win)
-        xs.append((x * 255).round().to(torch.uint8))
-        ms.append(m.to(torch.uint8))
-        ids += [f"{vid}_{k:04d}" for k in range(len(x))]
-        groups += [vid] * len(x)
-    ds = SegDataset(torch.cat(xs), torch.cat(ms), ids, groups)
+def _ct_slices(root: Path, splits: set[str], prep: dict, data_root: Path | None, limit: int | None) -> SegDataset:
+    ds = SegDataset.concat([volume_set(vid, ct, mask, prep) for vid, ct, mask in load_volumes(root, splits, data_root)])
     return ds.subset(indices=spread(list(range(len(ds))), limit)) if limit else ds
 
 
@@ -410,18 +302,17 @@ def load_split(task: str, split: str | Sequence[str], *, source: str | os.PathLi
     """The ``split`` ("train", "val", "test" or several) of ``task`` at ``size`` (default: the preset's)."""
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    prep = TASKS[task]["preprocessing"]
-    size = list(size or prep["input_size"])
-    channels = int(prep["channels"])
-    win = list(ct_window or prep["ct_window"] or (-1000.0, 1000.0))
+    prep = TASKS[task].preprocessing
+    size = list(size or prep.input_size)
+    win = list(ct_window or prep.ct_window or (-1000.0, 1000.0))
     path = resolve_source(task, source, data_root)
     layout = detect_layout(path)
     want = _want(split)
     droot = Path(data_root) if data_root else default_data_root()
     if layout == "uniform_2d":
-        return _uniform_2d(path, want, size, channels, limit)
+        return _uniform_2d(path, want, image_prep(task, size), limit)
     if layout == "dsb2018":
-        return _dsb2018(path, want, size, channels, limit)
+        return _dsb2018(path, want, image_prep(task, size), limit)
     if layout == "cvc_clinicdb":
-        return _cvc_clinicdb(path, want, size, channels, limit)
-    return _ct_slices(path, want, size, win, droot, limit)
+        return _cvc_clinicdb(path, want, image_prep(task, size), limit)
+    return _ct_slices(path, want, ct_prep(size, win), droot, limit)

@@ -14,30 +14,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_sdunet.inference import predict_probabilities
+from napari_sdunet.inference import predict_prepared
 from napari_sdunet.metrics import dice as dice_score
 from napari_sdunet.metrics import jaccard as jaccard_score
 from napari_sdunet.metrics import summarize
+from napari_sdunet.preprocess import resize
 
-from .datasets import SegDataset, _resize_image, volume_slices
+from .datasets import SegDataset, ct_prep, volume_set
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, model_size: Sequence[int],
+def predict_probs(model: torch.nn.Module, images: torch.Tensor, model_size: Sequence[int] | None,
                   batch_size: int = 16, flip_tta: bool = False,
-                  should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
-    """Probabilities (N, 1, H, W) at the images' size; inputs resized to ``model_size`` for the model."""
+                  should_stop: Callable[[], bool] | None = None, prep: dict[str, Any] | None = None) -> torch.Tensor:
+    """Probabilities (N, 1, H, W) at the images' size, by the engine's
+    :func:`~napari_sdunet.inference.predict_prepared` (the plugin's rule): inputs resized to
+    ``model_size``, or ``prep`` when given (e.g. a ``mode: tiles`` model's)."""
     model.eval()
     dev = next(model.parameters()).device
+    prep = prep or {"input_size": list(model_size) if model_size else None}
     out = []
     for i in range(0, len(images), batch_size):
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt("cancelled")
         x = images[i:i + batch_size]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        size = tuple(x.shape[-2:])
-        p = predict_probabilities(model, _resize_image(x, model_size).to(dev), flip_tta).cpu()
-        out.append(_resize_image(p, size) if tuple(p.shape[-2:]) != size else p)
+        out.append(predict_prepared(model, x.to(dev), prep, flip_tta).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -60,11 +62,11 @@ def evaluate_volumes(model: torch.nn.Module, volumes: list[tuple[str, np.ndarray
     per_vol = []
     slice_preds, slice_refs = [], []
     for vid, ct, mask in volumes:
-        x, m = volume_slices(ct, mask, model_size, ct_window)
-        probs = predict_probs(model, x, model_size, batch_size, flip_tta)
+        slices = volume_set(vid, ct, mask, ct_prep(model_size, ct_window))
+        probs = predict_probs(model, slices.images, model_size, batch_size, flip_tta)
         slice_preds += list((probs[:, 0] > threshold).numpy())
-        slice_refs += list((m[:, 0] > 0).numpy())
-        full = _resize_image(probs, mask.shape[-2:])[:, 0].numpy() > threshold
+        slice_refs += list((slices.masks[:, 0] > 0).numpy())
+        full = resize(probs, tuple(mask.shape[-2:]))[:, 0].numpy() > threshold
         per_vol.append({"id": vid, "dice_3d": dice_score(full, mask), "jaccard_3d": jaccard_score(full, mask),
                         "slices": int(mask.shape[0])})
     d3 = [v["dice_3d"] for v in per_vol]

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from napari_sdunet.batches import AugmentConfig
 from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
-from napari_sdunet.models import TASKS, count_parameters, create_model
+from napari_sdunet.models import SegmentationModel, count_parameters, create_model
+from napari_sdunet.tasks import TASKS
 from napari_sdunet.train_loop import FitConfig, Progress, fit
 
-from .augment import Augment
 from .datasets import LIVER_TEST_SOURCE, load_split, load_volumes, resolve_source
 from .evaluate import evaluate_2d, evaluate_volumes
 
@@ -69,7 +70,7 @@ def git_commit() -> str:
 def preprocessing_for(task: str, input_size: list[int] | None, ct_window: list[float] | None = None,
                       ) -> dict[str, Any]:
     """The preset's preprocessing record, with the input size (and CT window) actually trained with."""
-    prep = dict(TASKS[task]["preprocessing"])
+    prep = TASKS[task].preprocessing.to_dict()
     if input_size:
         prep["input_size"] = list(input_size)
     if ct_window:
@@ -77,7 +78,7 @@ def preprocessing_for(task: str, input_size: list[int] | None, ct_window: list[f
     return prep
 
 
-def warm_start(model: torch.nn.Module, folder: str, gate_bias: float | None = 3.0) -> dict[str, Any]:
+def warm_start(model: SegmentationModel, folder: str, gate_bias: float | None = 3.0) -> dict[str, Any]:
     """Copy every tensor of a checkpoint whose name and shape fit ``model``.
 
     A plain VGG block's second conv ``...3.weight`` maps onto a ResSDN block's parallel conv
@@ -97,18 +98,7 @@ def warm_start(model: torch.nn.Module, folder: str, gate_bias: float | None = 3.
             new[k] = cand.to(v.dtype)
             copied += 1
     model.load_state_dict(new, strict=False)
-    gates = 0
-    if gate_bias is not None:
-        from napari_sdunet.models import ResSDN
-
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, ResSDN):
-                    out = m.sdn.project_out
-                    half = out.out_channels // 2
-                    out.weight[half:].zero_()
-                    out.bias[half:].fill_(gate_bias)
-                    gates += 1
+    gates = model.open_gates(gate_bias) if gate_bias is not None else 0
     return {"copied": copied, "total": len(own), "gate_bias": gate_bias, "gates_opened": gates}
 
 
@@ -163,15 +153,15 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
     prep = preprocessing_for(spec.task, spec.input_size, spec.ct_window)
     size = prep["input_size"]
     common = dict(source=spec.source, data_root=spec.data_root, size=size, ct_window=prep["ct_window"])
-    train = load_split(spec.task, "train", limit=spec.limit_train, **common)
+    train_set = load_split(spec.task, "train", limit=spec.limit_train, **common)
     val = load_split(spec.task, "val", limit=spec.limit_val, **common)
-    if spec.augment:
-        train.augment = Augment(spec.augment, seed=spec.seed)
+    batch_size = spec.batch_size or t_task.batch_size
+    train = train_set.batches(batch_size, augment=AugmentConfig.from_kinds(spec.augment), seed=spec.seed)
     torch.manual_seed(spec.seed)
     model = create_model(spec.arch, spec.task, **spec.model_overrides)
     warm = warm_start(model, spec.init_from, spec.warm_gate_bias) if spec.init_from else None
-    cfg = FitConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr or t_task["lr"],
-                    batch_size=spec.batch_size or t_task["batch_size"], patience=spec.patience,
+    cfg = FitConfig(epochs=spec.epochs, max_steps=spec.max_steps, lr=spec.lr or t_task.lr,
+                    batch_size=batch_size, patience=spec.patience,
                     val_every=spec.val_every, seed=spec.seed, lr_schedule=spec.lr_schedule,
                     validate_on_stop=True, cpu_bf16=spec.cpu_bf16)
     f, writer = _csv_logger(out / "log.csv") if rank == 0 else (None, None)
@@ -218,7 +208,7 @@ def run_fit(spec: RunSpec, progress: bool = True) -> dict[str, Any] | None:
         "spec": asdict(spec), "fit": {"best_val_dice": res.best_val_dice, "best_step": res.best_step,
                                       "steps": res.steps, "stopped_early": res.stopped_early,
                                       "cancelled": res.cancelled, "seconds": round(train_s, 1)},
-        "fit_config": asdict(cfg), "n_train": len(train), "n_val": len(val), "parameters": count_parameters(model),
+        "fit_config": asdict(cfg), "n_train": len(train_set), "n_val": len(val), "parameters": count_parameters(model),
         "warm_start": warm, "test": metrics, "commit": git_commit(),
         "hardware": _hardware(),
     }
@@ -242,10 +232,10 @@ def test_model(model: torch.nn.Module, task: str, model_size: list[int], data_ro
                source: str | None, flip_tta: bool = False, limit: int | None = None,
                ct_window: list[float] | None = None) -> dict[str, Any]:
     """Test metrics of ``model``: the 2-D test split at the preset size, or the liver HU volumes."""
-    prep = TASKS[task]["preprocessing"]
+    prep = TASKS[task].preprocessing
     if task == "liver":
         root = resolve_source(task, source or LIVER_TEST_SOURCE, data_root)
         vols = load_volumes(root, "test", data_root=Path(data_root) if data_root else None, limit=limit)
-        return evaluate_volumes(model, vols, model_size, ct_window or prep["ct_window"], flip_tta)
-    test = load_split(task, "test", source=source, data_root=data_root, size=prep["input_size"], limit=limit)
+        return evaluate_volumes(model, vols, model_size, ct_window or list(prep.ct_window), flip_tta)
+    test = load_split(task, "test", source=source, data_root=data_root, size=list(prep.input_size), limit=limit)
     return evaluate_2d(model, test, model_size, flip_tta)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import shared_data
 from training.datasets import (
+    ct_prep,
     cvc_sequence_split,
     detect_layout,
     load_split,
@@ -19,7 +20,6 @@ from training.datasets import (
     random_split,
     read_volume,
     spread,
-    window,
 )
 
 
@@ -130,7 +130,10 @@ def test_lits_download_layout_and_window(tmp_path):
     assert ds.images.shape == (6, 1, 128, 128) and set(ds.groups) == {"volume-40"}
     assert ds.masks.sum() > 0
     # the window: -40 HU -> 0, 160 HU -> 1, clipped outside
-    assert np.allclose(window(np.array([-1000, -40, 60, 160, 900]), (-40, 160)), [0, 0, 0.5, 1, 1])
+    from napari_sdunet.preprocess import normalize_intensity
+
+    hu = np.array([[-1000, -40, 60, 160, 900]], np.int16)
+    assert np.allclose(normalize_intensity(hu, ct_prep(None, (-40, 160))), [[0, 0, 0.5, 1, 1]])
     # paper's window is an option
     wide = load_split("liver", "train", source=tmp_path, ct_window=(-1000, 1000))
     assert not torch.equal(wide.images, ds.images)
@@ -157,3 +160,36 @@ def test_clear_errors(tmp_path):
         load_split("brain", "train")
     with pytest.raises(DataError, match="layout"):
         load_split("nuclei", "train", source=tmp_path)
+
+
+def test_a_training_sample_and_an_inference_input_run_through_the_same_function(tmp_path, monkeypatch):
+    """Training data is preprocessed by the engine's to_model_input, the function inference feeds the
+    model with: counted on both paths, and the stored sample equals the inference input (8-bit)."""
+    import napari_sdunet.preprocess as pp
+    from napari_sdunet import create_model, save_checkpoint
+    from napari_sdunet.inference import load_model, predict
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    img = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "images" / "a.png")
+    Image.fromarray(((img[..., 0] > 128) * 255).astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    (tmp_path / "split.csv").write_text("id,split\na,train\n")
+    calls = []
+    real = pp.to_model_input
+
+    def counted(image, prep, channel_axis=None):
+        calls.append(np.shape(image))
+        return real(image, prep, channel_axis)
+
+    monkeypatch.setattr(pp, "to_model_input", counted)
+    ds = load_split("polyps", "train", source=tmp_path, size=(32, 48))
+    assert calls == [(40, 52, 3)]
+    prep = {"input_size": [32, 48], "channels": 3}
+    want = real(img, prep, channel_axis=True)
+    assert torch.allclose(ds[0][0], want, atol=0.5 / 255 + 1e-6)
+    folder = save_checkpoint(create_model("unet", "polyps", base_filters=4, depth=2), tmp_path / "m",
+                             task="polyps", preprocessing=dict(prep, modality="colonoscopy", scale=255.0))
+    predict(load_model(folder, "cpu"), img, "YXC")
+    assert calls == [(40, 52, 3), (40, 52, 3)]

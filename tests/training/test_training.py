@@ -11,7 +11,6 @@ from napari_sdunet.checkpoint import load_checkpoint
 from napari_sdunet.models import create_model
 from napari_sdunet.train_loop import FitConfig, fit
 from tests.conftest import shared_data
-from training.augment import Augment
 from training.datasets import load_split
 from training.runner import RunSpec, run_fit, warm_start
 
@@ -26,7 +25,7 @@ def test_loss_falls_on_real_data(task, folder):
     torch.set_num_threads(1)
     data = load_split(task, "train", data_root=shared_data(folder).parent, size=[64, 64], limit=40)
     with_object = [i for i in range(len(data)) if data.masks[i].any()]  # many liver slices show no liver
-    train = torch.utils.data.Subset(data, with_object[:8])
+    train = data.subset(indices=with_object[:8])
     model = create_model("unet", task, base_filters=8, depth=2)
     seen = []
     fit(model, train, None, FitConfig(epochs=20, lr=3e-3, batch_size=4, patience=None), device="cpu",
@@ -79,15 +78,21 @@ def test_warm_start_maps_unet_onto_sdunet(tmp_path):
     assert diff < 0.02
 
 
-def test_augment_moves_image_and_mask_together():
-    x = torch.rand(3, 16, 16)
-    y = (x[:1] > 0.5).float()
-    aug = Augment(["flip", "rot90"], seed=1)
-    for _ in range(6):
-        xa, ya = aug(x, y)
-        assert torch.equal((xa[:1] > 0.5).float(), ya)
-    xi, yi = Augment(["intensity"], seed=2)(x, y)
-    assert torch.equal(yi, y) and not torch.equal(xi, x) and 0 <= xi.min() and xi.max() <= 1
+def test_augment_kinds_of_the_cli_move_image_and_mask_together():
+    from napari_sdunet.batches import AugmentConfig, BatchSource
+
+    x = torch.rand(8, 3, 16, 16)
+    y = (x[:, :1] > 0.5).float()
+    geo = BatchSource(x, y, 4, augment=AugmentConfig.from_kinds(["flip", "rot90"]), seed=1)
+    for step in range(6):
+        xa, ya = geo.batch(step)
+        assert torch.equal((xa[:, :1] > 0.5).float(), ya)
+    jit = BatchSource(x, y, 4, augment=AugmentConfig.from_kinds(["intensity"]), seed=2)
+    xi, yi = jit.batch(0)
+    idx = jit.indices(0)
+    assert torch.equal(yi, y[idx]) and not torch.equal(xi, x[idx]) and 0 <= xi.min() and xi.max() <= 1
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        AugmentConfig.from_kinds(["shear"])
 
 
 def test_validate_on_stop_scores_the_last_steps():
