@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_sdunet.losses import dice_bce_loss  # noqa: E402
-from napari_sdunet.models import TASKS, create_model, list_models  # noqa: E402
+from napari_sdunet.models import create_model, list_models  # noqa: E402
+from napari_sdunet.tasks import TASKS  # noqa: E402
 
 #: mode -> (bf16 autocast, channels_last)
 MODES = {"fp32": (False, False), "fp32_cl": (False, True), "bf16_cl": (True, True), "bf16": (True, False)}
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sdn-impl", default=None, help="sweep implementation of the SD networks (default: auto)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    size = [int(v) for v in a.size.split("x")] if a.size else TASKS[a.task]["preprocessing"]["input_size"]
+    size = [int(v) for v in a.size.split("x")] if a.size else list(TASKS[a.task].preprocessing.input_size)
     print(f"{a.task} {size[0]}x{size[1]}, batch {a.batch}, {a.threads} thread(s), best of {a.repeats} steps")
     res = run(a.archs, a.modes, a.task, size, a.batch, a.repeats, a.sdn_impl)
     print()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, ModelConfigError, OutputError
+from .tasks import MODALITIES
 
 if TYPE_CHECKING:
     import torch
@@ -199,8 +200,8 @@ def validate_preprocessing(prep: Any, where: str = "preprocessing") -> dict[str,
                                 and win[0] < win[1]):
         raise CheckpointError(f"{where}.ct_window must be null or [lo, hi], two finite numbers lo < hi, got {win!r}")
     mod = prep.get("modality")
-    if mod is not None and mod not in ("microscopy", "colonoscopy", "ct"):
-        raise CheckpointError(f"{where}.modality must be microscopy, colonoscopy, ct or null, got {mod!r}")
+    if mod is not None and mod not in MODALITIES:
+        raise CheckpointError(f"{where}.modality must be {', '.join(MODALITIES)} or null, got {mod!r}")
     scale = prep.get("scale")
     if scale is not None and not (_is_number(scale) and scale > 0):
         raise CheckpointError(f"{where}.scale must be null or a positive number, got {scale!r}")
@@ -325,17 +326,18 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models import MODELS
+    from .models import ARCHITECTURES, list_models
     from .models.base import build_model
 
     config = read_config(folder)
     folder = Path(folder)
     arch = config["arch"]
-    if arch not in MODELS:
+    if arch not in ARCHITECTURES:
         raise CheckpointError(f"{folder}: unknown architecture {arch!r}; this napari-sdunet knows "
-                              f"{', '.join(MODELS)}")
+                              f"{', '.join(list_models())}")
+    cls = ARCHITECTURES[arch].cls
     try:
-        meta = build_model(MODELS[arch], config["model"], device="meta")
+        meta = build_model(cls, config["model"], device="meta")
     except ModelConfigError as e:
         raise CheckpointError(f"{folder}: config does not describe a valid {arch}: {e}") from None
     wfile = weights_path(folder, config)
@@ -351,7 +353,7 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu
         state = load_file(str(wfile))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{wfile}: cannot read safetensors ({e})") from None
-    model = build_model(MODELS[arch], config["model"])
+    model = build_model(cls, config["model"])
     for k, v in state.items():
         if v.is_floating_point():
             state[k] = v.float()

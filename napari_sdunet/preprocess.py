@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .tasks import WINDOW, intensity_rule, window_of
 
 #: Full scales tried, in order, for integer (and float > 1) images: 8, 10, 12, 14 and 16 bit. A
 #: 12-bit camera image stored as uint16 is scaled by 4095, so it looks like the 8-bit image the
@@ -38,19 +39,21 @@ def check_image(image: np.ndarray, channel_axis: bool) -> np.ndarray:
 
 
 def normalize_intensity(arr: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
-    """Scale intensities to float32 [0, 1]: a CT window for CT models, else by bit depth.
+    """Scale intensities to float32 [0, 1] by the rule of the record's modality (:mod:`.tasks`).
 
-    uint8 -> x / 255 (how every model was trained); bool -> {0, 1}; floats already in [0, 1] are
-    kept; other non-negative data (uint16, int16, float 0..4095, ...) is divided by the smallest
-    full scale of :data:`BIT_DEPTH_SCALES` that holds its maximum, so a 12- or 16-bit copy of an
-    8-bit image segments like the original. Only data that fits none (negative values, or above
-    65535) is stretched between its 0.5 and 99.8 percentiles. Always float32: a float64 result
-    would reach the network as double and fail against its float32 weights.
+    A windowing modality (CT) clips its HU window to [0, 1]; a record without a modality is
+    windowed when it has a ``ct_window``. Otherwise intensities are scaled by bit depth: uint8 ->
+    x / 255 (how every model was trained); bool -> {0, 1}; floats already in [0, 1] are kept; other
+    non-negative data (uint16, int16, float 0..4095, ...) is divided by the smallest full scale that
+    holds its maximum: the record's ``scale`` (the training data's, 255 by default), then the larger
+    ones of :data:`BIT_DEPTH_SCALES`, so a 12- or 16-bit copy of an 8-bit image segments like the
+    original. Only data that fits none (negative values, or above 65535) is stretched between its
+    0.5 and 99.8 percentiles. Always float32: a float64 result would reach the network as double
+    and fail against its float32 weights.
     """
     x = np.asarray(arr).astype(np.float32, copy=False)
-    window = prep.get("ct_window")
-    if window:
-        lo, hi = np.float32(window[0]), np.float32(window[1])
+    if intensity_rule(prep) == WINDOW:
+        lo, hi = (np.float32(v) for v in window_of(prep))
         return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32, copy=False)
     if arr.dtype == np.uint8:
         return x / np.float32(255.0)
@@ -60,7 +63,8 @@ def normalize_intensity(arr: np.ndarray, prep: dict[str, Any]) -> np.ndarray:
     if lo >= 0.0:
         if arr.dtype.kind == "f" and top <= 1.0:
             return x  # already in [0, 1]
-        for scale in BIT_DEPTH_SCALES:
+        first = float(prep.get("scale") or BIT_DEPTH_SCALES[0])
+        for scale in (first, *(s for s in BIT_DEPTH_SCALES if s > first)):
             if top <= scale:
                 return x / np.float32(scale)
     p_lo, p_hi = (np.float32(v) for v in np.percentile(x, (0.5, 99.8)))

@@ -35,7 +35,7 @@ from napari_sdunet.errors import (
 )
 from napari_sdunet.inference import load_model, predict, segment, to_labels
 from napari_sdunet.metrics import dice
-from napari_sdunet.models import TASKS
+from napari_sdunet.tasks import TASKS
 from tests.conftest import REPO, shared_data
 from tests.test_inference import make_checkpoint
 
@@ -248,7 +248,7 @@ def test_two_inputs_with_one_stem_do_not_overwrite_each_other(tmp_path, capsys):
 @pytest.fixture
 def small_ckpt(tmp_path) -> Path:
     m = create_model("sdunet", task="nuclei", base_filters=4, sdn_state=8)
-    return save_checkpoint(m, tmp_path / "ckpt", task="nuclei", preprocessing=TASKS["nuclei"]["preprocessing"])
+    return save_checkpoint(m, tmp_path / "ckpt", task="nuclei", preprocessing=TASKS["nuclei"].preprocessing.to_dict())
 
 
 BAD_CONFIGS = {

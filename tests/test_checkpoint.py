@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from napari_sdunet import CheckpointError, create_model, load_checkpoint, save_checkpoint
-from napari_sdunet.models import TASKS
+from napari_sdunet.tasks import TASKS
 
 
 @pytest.mark.parametrize("arch", ["unet", "sdnunet"])
@@ -13,7 +13,7 @@ def test_round_trip_identical_outputs(tmp_path, arch):
     for p in m.parameters():  # make BN statistics non-trivial too
         p.data.normal_(0, 0.1)
     folder = save_checkpoint(m, tmp_path / "ckpt", task="nuclei",
-                             preprocessing=TASKS["nuclei"]["preprocessing"])
+                             preprocessing=TASKS["nuclei"].preprocessing.to_dict())
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["arch"] == arch and cfg["task"] == "nuclei" and cfg["preprocessing"]["input_size"] == [96, 96]
     m2, cfg2 = load_checkpoint(folder)

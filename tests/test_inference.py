@@ -22,7 +22,7 @@ from napari_sdunet.inference import (
     segment,
     to_labels,
 )
-from napari_sdunet.models import TASKS
+from napari_sdunet.tasks import TASKS
 
 
 def make_checkpoint(folder: Path, task: str = "nuclei", bias: float | None = None, base_filters: int = 4) -> Path:
@@ -32,7 +32,7 @@ def make_checkpoint(folder: Path, task: str = "nuclei", bias: float | None = Non
         with torch.no_grad():
             model.head.weight.zero_()
             model.head.bias.fill_(bias)
-    return save_checkpoint(model, folder, task=task, preprocessing=TASKS[task]["preprocessing"])
+    return save_checkpoint(model, folder, task=task, preprocessing=TASKS[task].preprocessing.to_dict())
 
 
 class Brightness(nn.Module):

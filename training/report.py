@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_sdunet.models import display_name, get_arch, list_models
 from napari_sdunet.zoo import PACKAGE_WEIGHTS
 
-from .reproduce import NAMES, collect, make_table, write_outputs
+from .reproduce import arch_order, collect, make_table, write_outputs
 
 TARGETS = {"nuclei": 94.5, "polyps": 84.0, "liver": 95.0}
 
@@ -29,18 +30,14 @@ def runs_block(task: str, out: Path) -> str:
     lines = [f"### {task}", "", make_table(task, rows)]
     lines.append("| run | steps | train time (s) | best val Dice (step) | warm start |")
     lines.append("|---|---|---|---|---|")
-    for mj in sorted(out.glob("*/run*/metrics.json"), key=lambda p: list(NAMES).index(p.parent.parent.name)):
+    for mj in sorted(out.glob("*/run*/metrics.json"), key=lambda p: (arch_order(p.parent.parent.name), str(p))):
         rec = json.loads(mj.read_text())
         f, ws = rec["fit"], rec.get("warm_start") or {}
         warm = f"{Path(rec['spec']['init_from']).parent.parent.name} run, gate bias {ws.get('gate_bias', '–')}" \
             if rec["spec"].get("init_from") else "–"
-        lines.append(f"| {NAMES[rec['spec']['arch']]} {mj.parent.name} | {f['steps']} | {f['seconds']} | "
+        lines.append(f"| {display_name(rec['spec']['arch'])} {mj.parent.name} | {f['steps']} | {f['seconds']} | "
                      f"{100 * f['best_val_dice']:.2f} ({f['best_step']}) | {warm} |")
     return "\n".join(lines) + "\n"
-
-
-#: SD network -> the baseline it extends (same encoder-decoder, SDN layers added)
-PAIRS = {"sdunet": "unet", "sdnunet": "unetpp"}
 
 
 def paired_block(task: str, out: Path) -> str:
@@ -48,13 +45,16 @@ def paired_block(task: str, out: Path) -> str:
     by = {(r["arch"], r["seed"]): r["dice"] for r in collect(out)}
     lines = ["| comparison (same seeds) | seeds | Dice difference (points) | SD network better in |",
              "|---|---|---|---|"]
-    for sd, base in PAIRS.items():
+    pairs = {name: get_arch(name).baseline for name in list_models()}  # SD network -> its baseline
+    for sd, base in pairs.items():
+        if base is None:
+            continue
         seeds = sorted(s for (a, s) in by if a == sd and (base, s) in by)
         if not seeds:
             continue
         d = np.array([by[(sd, s)] - by[(base, s)] for s in seeds])
         spread = f" ± {d.std(ddof=1):.2f}" if len(d) > 1 else ""
-        lines.append(f"| {NAMES[sd]} − {NAMES[base]} | {len(d)} | {d.mean():+.2f}{spread} | "
+        lines.append(f"| {display_name(sd)} − {display_name(base)} | {len(d)} | {d.mean():+.2f}{spread} | "
                      f"{int((d > 0).sum())} of {len(d)} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 

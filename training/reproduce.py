@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_sdunet.models import display_name, get_arch, list_models
+
 #: Table 2 of the paper (Dice, Jaccard in %, mean ± sd over 5 runs). Their Dice is batch-pooled.
 PAPER_TABLE2: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "nuclei": {"unet": (91.79, 0.32, 85.52, 0.50), "unetpp": (92.64, 0.24, 86.88, 0.38),
@@ -24,7 +26,12 @@ PAPER_TABLE2: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "liver": {"unet": (77.44, 2.25, 69.92, 2.19), "unetpp": (80.24, 2.10, 73.73, 2.46),
               "sdunet": (82.43, 2.24, 75.02, 2.51), "sdnunet": (85.72, 2.45, 79.37, 2.17)},
 }
-NAMES = {"unet": "U-Net", "unetpp": "U-Net++", "sdunet": "SDU-Net", "sdnunet": "SDNU-Net"}
+
+
+def arch_order(arch: str) -> tuple[int, str]:
+    """Sort key: the registry's order (the paper's for the four), then unknown names alphabetically."""
+    order = list_models()
+    return (order.index(arch), arch) if arch in order else (len(order), arch)
 
 
 def run_metrics(test: dict[str, Any]) -> dict[str, float]:
@@ -50,14 +57,13 @@ def make_table(task: str, rows: list[dict[str, Any]]) -> str:
     dice_name = "per-volume 3-D Dice" if task == "liver" else "per-image Dice"
     lines = [f"| Model | runs | {dice_name} | Jaccard | global Dice | batch-pooled Dice (paper's metric) "
              "| paper Dice | paper Jaccard |", "|---|---|---|---|---|---|---|---|"]
-    for arch in NAMES:
+    for arch in sorted({r["arch"] for r in rows}, key=arch_order):
         rs = [r for r in rows if r["arch"] == arch]
-        if not rs:
-            continue
-        p = PAPER_TABLE2[task][arch]
-        lines.append(f"| {NAMES[arch]} | {len(rs)} | {_ms([r['dice'] for r in rs])} | {_ms([r['jaccard'] for r in rs])}"
-                     f" | {_ms([r['global_dice'] for r in rs])} | {_ms([r['paper_batch_dice'] for r in rs])}"
-                     f" | {p[0]:.2f} ± {p[1]:.2f} | {p[2]:.2f} ± {p[3]:.2f} |")
+        p = PAPER_TABLE2[task].get(arch)
+        paper = f"{p[0]:.2f} ± {p[1]:.2f} | {p[2]:.2f} ± {p[3]:.2f}" if p else "– | –"
+        lines.append(f"| {display_name(arch)} | {len(rs)} | {_ms([r['dice'] for r in rs])} | "
+                     f"{_ms([r['jaccard'] for r in rs])} | {_ms([r['global_dice'] for r in rs])} | "
+                     f"{_ms([r['paper_batch_dice'] for r in rs])} | {paper} |")
     return "\n".join(lines) + "\n"
 
 
@@ -68,7 +74,8 @@ def make_plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs = [a for a in NAMES if any(r["arch"] == a for r in rows)]
+    archs = sorted({r["arch"] for r in rows}, key=arch_order)
+    paper = [PAPER_TABLE2[task].get(a, (np.nan, 0.0)) for a in archs]
     fig, ax = plt.subplots(figsize=(6, 3.9), dpi=120)
     x = np.arange(len(archs))
     ours = [[r["dice"] for r in rows if r["arch"] == a] for a in archs]
@@ -76,11 +83,11 @@ def make_plot(task: str, rows: list[dict[str, Any]], path: Path) -> None:
            label="ours (" + ("per-volume 3-D Dice" if task == "liver" else "per-image Dice") + ")", color="#4477aa")
     for i, v in enumerate(ours):
         ax.plot([i - 0.2] * len(v), v, "k.", ms=4)
-    ax.bar(x + 0.2, [PAPER_TABLE2[task][a][0] for a in archs], 0.4, yerr=[PAPER_TABLE2[task][a][1] for a in archs],
+    ax.bar(x + 0.2, [p[0] for p in paper], 0.4, yerr=[p[1] for p in paper],
            label="paper, Table 2 (2-D batch-pooled Dice)", color="#cc6677")
-    ax.set_xticks(x, [NAMES[a] for a in archs])
+    ax.set_xticks(x, [display_name(a) for a in archs])
     ax.set_ylabel("Dice (%)")
-    lo = min([min(v) for v in ours] + [PAPER_TABLE2[task][a][0] for a in archs])
+    lo = min([min(v) for v in ours] + [p[0] for p in paper if not np.isnan(p[0])])
     ax.set_ylim(max(0, lo - 10), 100)
     ax.set_title(f"{task}: ours vs. paper")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
@@ -115,33 +122,31 @@ def write_outputs(task: str, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-#: The baseline each SD network can be warm-started from (same layer names; see runner.warm_start).
-WARM_FROM = {"sdunet": "unet", "sdnunet": "unetpp"}
-
-
 def reproduce(task: str, runs: int, out: str | Path, archs: list[str] | None = None,
               spec_kwargs: dict[str, Any] | None = None, progress: bool = True,
               warm_start: bool = False) -> list[dict[str, Any]]:
-    """Train ``archs`` (default all four) ``runs`` times with seeds 0..runs-1; write the table and plot.
+    """Train ``archs`` (default: every registered one) ``runs`` times, seeds 0..runs-1; write the table and plot.
 
     ``warm_start``: an SD network's run k starts from the weights of its baseline's run k in ``out``
-    (U-Net -> SDU-Net, U-Net++ -> SDNU-Net), which must have finished.
+    (:attr:`ArchSpec.baseline <napari_sdunet.models.registry.ArchSpec.baseline>`: U-Net -> SDU-Net,
+    U-Net++ -> SDNU-Net), which must have finished.
     """
     from .runner import RunSpec, run_fit
 
     out = Path(out)
     kw = dict(spec_kwargs or {})
     kw["task"] = task
-    for arch in archs or list(NAMES):
+    for arch in archs or list_models():
+        base = get_arch(arch).baseline
         for k in range(runs):
             folder = out / arch / f"run{k}"
             if (folder / "metrics.json").is_file():
                 continue
             init = None
-            if warm_start and arch in WARM_FROM:
-                init = out / WARM_FROM[arch] / f"run{k}" / "model"
+            if warm_start and base is not None:
+                init = out / base / f"run{k}" / "model"
                 if not (init / "config.json").is_file():
-                    raise FileNotFoundError(f"warm start needs the finished {WARM_FROM[arch]} run {init}")
+                    raise FileNotFoundError(f"warm start needs the finished {base} run {init}")
                 init = str(init)
             run_fit(RunSpec(arch=arch, out=str(folder), seed=k, init_from=init, **kw), progress=progress)
             write_outputs(task, out)

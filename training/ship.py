@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
-from napari_sdunet.models import TASKS
+from napari_sdunet.tasks import TASKS
 from napari_sdunet.zoo import PACKAGE_WEIGHTS
 
 from .datasets import load_split
@@ -77,8 +77,8 @@ def model_card(name: str, task: str, config: dict[str, Any], metrics: dict[str, 
         f"- input size {prep.get('input_size')} (HxW), {prep.get('channels')} channel(s), "
         + (f"CT window {prep['ct_window']} HU -> [0, 1]" if prep.get("ct_window") else "8-bit / 255 -> [0, 1]"), "",
         "## Recipe",
-        f"- loss 0.5 BCE + (1 - soft Dice); Adam lr {fc.get('lr') or spec.get('lr') or TASKS[task]['lr']}, "
-        f"batch {fc.get('batch_size') or spec.get('batch_size') or TASKS[task]['batch_size']}, "
+        f"- loss 0.5 BCE + (1 - soft Dice); Adam lr {fc.get('lr') or spec.get('lr') or TASKS[task].lr}, "
+        f"batch {fc.get('batch_size') or spec.get('batch_size') or TASKS[task].batch_size}, "
         f"lr schedule {fc.get('lr_schedule', 'constant')}, "
         f"seed {spec.get('seed')}; augmentation: {aug}; warm start: {spec.get('init_from') or 'none'}",
         f"- trained {fit.get('steps')} steps ({fit.get('seconds')} s) on {tr.get('hardware')}; best validation "

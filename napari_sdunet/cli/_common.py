@@ -57,6 +57,8 @@ def _scale(text: str) -> float:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    from ..tasks import DEFAULT_CT_WINDOW, modality_names
+
     p.add_argument("--model", required=True, metavar="NAME_OR_FOLDER",
                    help="a shipped or user model name (see `napari-sdunet models`) or a checkpoint folder")
     p.add_argument("--device", default="auto",
@@ -64,10 +66,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_threshold, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="slices/frames per forward pass (default 8)")
-    p.add_argument("--modality", choices=["microscopy", "colonoscopy", "ct"], default=None,
+    p.add_argument("--modality", choices=modality_names(), default=None,
                    help="intensity preset; default: the model's own preprocessing")
     p.add_argument("--ct-window", type=_finite, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="HU window for CT input (default: the model's, e.g. -40 160)")
+                   help="HU window for CT input (default: the model's, else "
+                        f"{DEFAULT_CT_WINDOW[0]:g} {DEFAULT_CT_WINDOW[1]:g})")
     p.add_argument("--axes", type=str.upper, choices=AXES, default=None,
                    help=f"axes of every input ({', '.join(AXES)}); default: from the file format")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")

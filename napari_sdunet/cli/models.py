@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import TASKS, count_parameters, create_model, list_models
+    from ..models import count_parameters, create_model, list_models
+    from ..tasks import TASKS
     from ..zoo import list_pretrained, list_user_models
 
     archs = list_models()

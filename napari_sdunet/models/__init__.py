@@ -1,4 +1,8 @@
-"""Networks of napari-sdunet: U-Net, U-Net++, SDU-Net and SDNU-Net, built by :func:`create_model`."""
+"""Networks of napari-sdunet: U-Net, U-Net++, SDU-Net and SDNU-Net, built by :func:`create_model`.
+
+Each architecture is a class plus one :class:`~.registry.ArchSpec` registered beside it (see
+:mod:`.registry`); the task presets are :data:`napari_sdunet.tasks.TASKS`.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +11,49 @@ from typing import Any
 from torch import nn
 
 from ..errors import ModelConfigError
+from ..tasks import TASKS
 from .base import SegmentationModel, build_model
-from .presets import ARCHS, TASKS, preset_kwargs
+from .registry import (
+    ARCHITECTURES,
+    ArchSpec,
+    arch_names,
+    display_name,
+    get_arch,
+    preset_kwargs,
+    register_arch,
+    unregister_arch,
+)
 from .sdn import SDN, ResSDN
 from .unet import SDUNet, UNet
 from .unetpp import SDNUNet, UNetPlusPlus
-
-MODELS: dict[str, type[SegmentationModel]] = {
-    "unet": UNet,
-    "unetpp": UNetPlusPlus,
-    "sdunet": SDUNet,
-    "sdnunet": SDNUNet,
-}
 
 #: Default SDN placement when no task is given (the polyps/liver rule, depth 4).
 _DEFAULT_TASKLESS = "polyps"
 
 
 def list_models() -> list[str]:
-    """Architecture names accepted by :func:`create_model`."""
-    return list(MODELS)
+    """Architecture names accepted by :func:`create_model` (the registered ones)."""
+    return arch_names()
 
 
 def create_model(arch: str, task: str | None = None, **overrides: Any) -> SegmentationModel:
-    """Build ``arch`` (unet, unetpp, sdunet, sdnunet) with the ``task`` preset, then ``overrides``.
+    """Build ``arch`` (unet, unetpp, sdunet, sdnunet or another registered one): ``task`` preset, then ``overrides``.
 
     ``task`` is one of nuclei, polyps, liver (paper-parity shapes and SDN placement). Without a
     task, SD models use the polyps placement rule. Any constructor argument can be overridden,
     e.g. ``sdn_state=64`` or ``in_channels=1``. Every argument is checked by name, type and bounds
     first; bad ones raise :class:`~napari_sdunet.errors.ModelConfigError`.
     """
-    if not isinstance(arch, str) or arch.lower() not in MODELS:
-        raise ModelConfigError(f"unknown architecture {arch!r}; choose from {', '.join(list_models())}")
-    arch = arch.lower()
+    spec = get_arch(arch)
     if task is not None and task not in TASKS:
         raise ModelConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     kwargs: dict[str, Any] = {}
-    if task is not None or ARCHS[arch]:
-        kwargs = preset_kwargs(arch, task or _DEFAULT_TASKLESS)
+    if task is not None or spec.has_sdn:
+        kwargs = spec.kwargs_for(TASKS[task or _DEFAULT_TASKLESS])
         if task is None:
             kwargs.pop("in_channels")
     kwargs.update(overrides)
-    return build_model(MODELS[arch], kwargs)
+    return build_model(spec.cls, kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -57,6 +62,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "MODELS", "TASKS", "SDN", "ResSDN", "SegmentationModel", "UNet", "UNetPlusPlus", "SDUNet",
-    "SDNUNet", "create_model", "list_models", "count_parameters",
+    "ARCHITECTURES", "ArchSpec", "arch_names", "SDN", "ResSDN", "SegmentationModel", "UNet", "UNetPlusPlus", "SDUNet",
+    "SDNUNet", "count_parameters", "create_model", "display_name", "get_arch", "list_models", "preset_kwargs",
+    "register_arch", "unregister_arch",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,7 +27,8 @@ class SegmentationModel(nn.Module):
     """Pads the input to a multiple of ``2**depth``, runs :meth:`forward_padded`, crops back.
 
     Subclasses set ``arch`` and call ``self._remember(locals())`` so that ``self.config`` holds the
-    exact constructor arguments (what a checkpoint's ``config.json`` stores).
+    exact constructor arguments (what a checkpoint's ``config.json`` stores), and say which
+    parameters form their decoder (:meth:`decoder_parameters`, what decoder-only fine-tuning trains).
     """
 
     arch: str = ""
@@ -55,6 +57,47 @@ class SegmentationModel(nn.Module):
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         y = self.forward_padded(x)
         return y[..., :h, :w]
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the decoder half (what ``trainable="decoder"`` trains); each network says."""
+        raise NotImplementedError(f"{self.arch or type(self).__name__} does not say which parameters form its "
+                                  "decoder: override decoder_parameters")
+
+    @contextmanager
+    def freeze_norm_stats(self) -> Iterator[None]:
+        """Inside the context every BatchNorm layer stays in eval mode, even under ``model.train()``.
+
+        The base model's running statistics are then used and kept (a few fine-tuning frames would
+        otherwise overwrite them, which costs more held-out Dice than the fine-tuning gains; see
+        docs/finetune.md); the layers' affine weights still train. On exit the layers follow the
+        model's mode again.
+        """
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and "train" not in vars(m)]  # a layer frozen by an outer context stays the outer's
+        for m in norms:
+            m.train = _eval_only.__get__(m)  # an instance attribute: Module.train(mode) calls it per child
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in norms:
+                del m.train
+                m.training = self.training
+
+    @torch.no_grad()
+    def open_gates(self, bias: float) -> int:
+        """Open every ResSDN gate towards its parallel conv (see :meth:`ResSDN.open_gate`); returns how many."""
+        from .sdn import ResSDN
+
+        gates = [m for m in self.modules() if isinstance(m, ResSDN)]
+        for m in gates:
+            m.open_gate(bias)
+        return len(gates)
+
+
+def _eval_only(self: nn.Module, mode: bool = True) -> nn.Module:
+    """``train`` of a BatchNorm layer inside :meth:`SegmentationModel.freeze_norm_stats`: always eval."""
+    return nn.Module.train(self, False)
 
 
 def _is_int(v: Any) -> bool:

@@ -1,8 +1,14 @@
-"""U-Net and SDU-Net (U-Net with (Res)SDN blocks), after the authors' PL-bolts-style U-Net."""
+"""U-Net and SDU-Net (U-Net with (Res)SDN blocks), after the authors' PL-bolts-style U-Net.
+
+SDN placement follows the authors' code, not the paper's figure (see docs/architecture.md): with
+``sdn_n_layers`` = n, Down *i* gets an SDN block if i <= n, so encoder levels 1..n+1; Up *i* gets one
+if i <= n, so decoder levels L-1 .. L-1-n.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +16,7 @@ from torch import nn
 
 from .base import SegmentationModel
 from .blocks import make_block, upsample2x
+from .registry import SDN_PRESET, ArchSpec, register_arch
 
 
 class Up(nn.Module):
@@ -80,8 +87,29 @@ class UNet(SegmentationModel):
             y = up(y, skips.pop())
         return self.head(y)
 
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """The up-steps and the head."""
+        return [p for name, p in self.named_parameters() if name.split(".")[0] in ("ups", "head")]
+
 
 class SDUNet(UNet):
     """SDU-Net: U-Net with ResSDN blocks (same class, own name in the registry)."""
 
     arch = "sdunet"
+
+
+def unet_sdn_levels(depth: int, n: int) -> tuple[list[int], list[int]]:
+    """Encoder and decoder levels that get SDN blocks in the authors' U-Net (``sdn_n_layers`` = n)."""
+    enc = [i + 1 for i in range(depth) if i <= n]
+    dec = [depth - 1 - i for i in range(depth) if i <= n]
+    return enc, dec
+
+
+def unet_sdn_placement(depth: int, n: int) -> dict[str, Any]:
+    enc, dec = unet_sdn_levels(depth, n)
+    return {"sdn_encoder_levels": enc, "sdn_decoder_levels": dec}
+
+
+register_arch(ArchSpec("unet", "U-Net", UNet))
+register_arch(ArchSpec("sdunet", "SDU-Net", SDUNet, baseline="unet", sdn_placement=unet_sdn_placement,
+                       preset_kwargs=SDN_PRESET))

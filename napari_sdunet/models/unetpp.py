@@ -1,14 +1,21 @@
-"""U-Net++ (nested U-Net) and SDNU-Net (U-Net++ with (Res)SDN nodes)."""
+"""U-Net++ (nested U-Net) and SDNU-Net (U-Net++ with (Res)SDN nodes).
+
+SDN placement follows the authors' NestedUnet (``sdn_n_layers`` = n): encoder X0,0 and X1,0
+always, X[i,0] if n >= i; decoder X0,1 always, X0,2 if n >= 2, X0,3 if n >= 3, and X3,1 X2,2 X1,3
+X0,4 if n >= 4 (depth 4).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .base import SegmentationModel
 from .blocks import make_block, upsample2x
+from .registry import SDN_PRESET, ArchSpec, register_arch
 
 
 class UNetPlusPlus(SegmentationModel):
@@ -65,8 +72,35 @@ class UNetPlusPlus(SegmentationModel):
                 grid[r, j] = self.nodes[f"x{r}_{j}"](torch.cat(inputs, dim=1))
         return self.head(grid[0, L])
 
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """The nodes X[i, j] with j >= 1 and the head."""
+        out = []
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "head" or (parts[0] == "nodes" and not parts[1].endswith("_0")):
+                out.append(p)
+        return out
+
 
 class SDNUNet(UNetPlusPlus):
     """SDNU-Net: U-Net++ with ResSDN nodes (same class, own name in the registry)."""
 
     arch = "sdnunet"
+
+
+def unetpp_sdn_nodes(depth: int, n: int) -> list[list[int]]:
+    """Nodes [i, j] that get SDN blocks in the authors' NestedUnet (``sdn_n_layers`` = n)."""
+    nodes = [[0, 0], [1, 0]] + [[i, 0] for i in range(2, depth + 1) if n >= i]
+    nodes += [[0, 1]] + [[0, j] for j in (2, 3) if n >= j and j <= depth]
+    if n >= 4 and depth == 4:
+        nodes += [[3, 1], [2, 2], [1, 3], [0, 4]]
+    return nodes
+
+
+def unetpp_sdn_placement(depth: int, n: int) -> dict[str, Any]:
+    return {"sdn_nodes": unetpp_sdn_nodes(depth, n)}
+
+
+register_arch(ArchSpec("unetpp", "U-Net++", UNetPlusPlus))
+register_arch(ArchSpec("sdnunet", "SDNU-Net", SDNUNet, baseline="unetpp", sdn_placement=unetpp_sdn_placement,
+                       preset_kwargs=SDN_PRESET))

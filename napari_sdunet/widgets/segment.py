@@ -16,10 +16,13 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, SpinBox
 
 from ..axes import AXES, propose_layer_axes
+from ..tasks import DEFAULT_CT_WINDOW, MODALITIES, WINDOW, intensity_rule
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
 
-MODALITIES = [("from the model", None), ("microscopy", "microscopy"),
-              ("colonoscopy (RGB)", "colonoscopy"), ("CT (HU window)", "ct")]
+
+def modality_choices() -> list[tuple[str, str | None]]:
+    """The modality combo's (label, value) pairs: the model's own preprocessing, then each registered modality."""
+    return [("from the model", None)] + [(m.label, m.name) for m in MODALITIES.values()]
 
 
 def output_layer_kwargs(layer: Any, axes: str) -> dict[str, Any]:
@@ -78,9 +81,11 @@ class SegmentWidget(Container):
                                      "Z slices, T frames (Z and T are segmented slice by slice)")
         self.axes_hint = Label(label="", value="")
         self.models = ModelPicker()
-        self.modality = ComboBox(label="modality", choices=MODALITIES, value=None)
-        self.ct_lo = FloatSpinBox(label="HU window low", min=-3000, max=3000, step=10, value=-40)
-        self.ct_hi = FloatSpinBox(label="HU window high", min=-3000, max=3000, step=10, value=160)
+        self.modality = ComboBox(label="modality", choices=modality_choices(), value=None)
+        self.ct_lo = FloatSpinBox(label="HU window low", min=-3000, max=3000, step=10,
+                                  value=DEFAULT_CT_WINDOW[0])
+        self.ct_hi = FloatSpinBox(label="HU window high", min=-3000, max=3000, step=10,
+                                  value=DEFAULT_CT_WINDOW[1])
         self.device = device_combo()
         self.scale = FloatSpinBox(label="object scale", min=0.05, max=20.0, step=0.25, value=1.0,
                                   tooltip="resize the image by this factor before a native-resolution model sees "
@@ -142,8 +147,10 @@ class SegmentWidget(Container):
 
     def _update_window_enabled(self, _event: Any = None) -> None:
         modality = self.modality.value
-        model_ct = bool(getattr(self, "_model_prep", {}).get("ct_window"))
-        on = modality == "ct" or (modality is None and model_ct)
+        if modality is None:
+            on = intensity_rule(getattr(self, "_model_prep", {})) == WINDOW
+        else:
+            on = MODALITIES[modality].rule == WINDOW
         self.ct_lo.enabled = self.ct_hi.enabled = on
 
     # ---------------------------------------------------------------- running

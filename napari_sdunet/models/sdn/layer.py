@@ -108,6 +108,18 @@ class ResSDN(nn.Module):
         self.sdn = SDN(in_channels, 2 * out_channels, state, directions, kernel_size, impl)
         self.cnn = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
+    @torch.no_grad()
+    def open_gate(self, bias: float) -> None:
+        """Gate weights 0 and gate bias ``bias``: ``g = sigmoid(bias)`` everywhere (0.95 for 3).
+
+        A network warm-started from its baseline then starts as the baseline (the copied conv) and
+        learns how much SDN to mix in.
+        """
+        out = self.sdn.project_out
+        half = out.out_channels // 2
+        out.weight[half:].zero_()
+        out.bias[half:].fill_(bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sdn_out, gate = self.sdn(x).chunk(2, dim=1)
         gate = torch.sigmoid(gate)
