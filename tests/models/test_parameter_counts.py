@@ -24,7 +24,7 @@ def test_registry_lists_the_four_networks():
 
 
 def test_table4_mislabelled_unetpp_is_one_ressdn_at_x01():
-    # Table 4's 9.76M "U-Net++" = U-Net++ with a single ResSDN block at X0,1 (documented in presets).
+    # Table 4's 9.76M "U-Net++" = U-Net++ with a single ResSDN block at X0,1 (documented in models/registry.py).
     m = create_model("sdnunet", task="polyps", sdn_nodes=[[0, 1]])
     assert count_parameters(m) == 9_758_143
 
