@@ -117,7 +117,9 @@ def train_base(task: str, arch: str, out: Path, steps: int, lr: float, batch_siz
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_sdunet.finetune import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_VAL_FRACTION
+    from napari_sdunet.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["polyps", "nuclei"], required=True)
@@ -126,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequence", type=int, default=1, help="polyps: CVC-ClinicDB test sequence (1, 4 or 21)")
     ap.add_argument("--nuclei-type", choices=sorted(NUCLEI_TYPES), default="colour-320x256")
     ap.add_argument("--n-finetune", type=int, default=10, help="frames/images to fine-tune on")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
-    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    ap.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--val-split", choices=["end", "random"], default="end")
     ap.add_argument("--trainable", choices=["all", "decoder"], default="all")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
           f"--steps {args.steps} --lr {args.lr:g} --batch-size {args.batch_size} --device cpu"
           + ("" if args.freeze_bn else " --update-bn") + ("" if args.augment else " --no-augment")
           + ("" if args.trainable == "all" else f" --trainable {args.trainable}")
-          + ("" if args.val_fraction == DEFAULT_VAL_FRACTION else f" --val-fraction {args.val_fraction:g}")
+          + ("" if args.val_fraction == d.val_fraction else f" --val-fraction {args.val_fraction:g}")
           + ("" if args.val_split == "end" else f" --val-split {args.val_split}"))
     print(f"  napari-sdunet evaluate --model {out} --images {eval_img} --masks {eval_mask} --device cpu -q")
     record = {

@@ -103,20 +103,21 @@ def sequence_groups(ids: list[str]) -> dict[str, list[int]]:
 def main(argv: list[str] | None = None) -> int:
     from napari_sdunet import finetune as ft
 
+    d = ft.FinetuneConfig()  # the widget's and the CLI's defaults
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shift", choices=["polyps", "nuclei", "liver", "all"], default="all")
     ap.add_argument("--model", default=None, help="base model (default: the best-validating shipped one)")
-    ap.add_argument("--steps", type=int, default=ft.DEFAULT_STEPS)
-    ap.add_argument("--time-budget", type=float, default=ft.DEFAULT_TIME_BUDGET_S, help="seconds; 0: none")
-    ap.add_argument("--patience", type=int, default=ft.DEFAULT_PATIENCE, help="validations; 0: none")
-    ap.add_argument("--lr", type=float, default=ft.DEFAULT_LR)
-    ap.add_argument("--batch-size", type=int, default=ft.DEFAULT_BATCH_SIZE)
-    ap.add_argument("--val-fraction", type=float, default=ft.DEFAULT_VAL_FRACTION)
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--time-budget", type=float, default=d.time_budget_s, help="seconds; 0: none")
+    ap.add_argument("--patience", type=int, default=d.patience, help="validations; 0: none")
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--trainable", choices=["all", "decoder"], default="all")
-    ap.add_argument("--base-weight", type=float, default=ft.DEFAULT_BASE_WEIGHT,
+    ap.add_argument("--base-weight", type=float, default=d.base_weight,
                     help="share of the base weights mixed back in after training (WiSE-FT)")
     ap.add_argument("--no-augment", dest="augment", action="store_false")
-    ap.add_argument("--augment-intensity", type=float, default=0.1, help="brightness/contrast jitter")
+    ap.add_argument("--augment-intensity", type=float, default=d.augment_intensity, help="brightness/contrast jitter")
     ap.add_argument("--augment-gamma", action="store_true", help="also a gamma jitter")
     ap.add_argument("--update-bn", dest="freeze_bn", action="store_false")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -158,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.work) / f"{shift}-{int(time.time())}"
         wall0, cpu0 = time.perf_counter(), time.process_time()
         vals = []
-        res = ft.finetune(base, data, out, steps=args.steps or None, time_budget_s=args.time_budget or None,
-                          patience=args.patience or None, lr=args.lr, batch_size=args.batch_size,
-                          trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
-                          base_weight=args.base_weight, augment_intensity=args.augment_intensity,
-                          augment_gamma=args.augment_gamma, val_fraction=args.val_fraction, device="cpu",
+        cfg = ft.FinetuneConfig(steps=args.steps or None, time_budget_s=args.time_budget or None,
+                                patience=args.patience or None, lr=args.lr, batch_size=args.batch_size,
+                                trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
+                                base_weight=args.base_weight, augment_intensity=args.augment_intensity,
+                                augment_gamma=args.augment_gamma, val_fraction=args.val_fraction)
+        res = ft.finetune(base, data, out, cfg, device="cpu",
                           on_progress=lambda p, v=vals: p.kind == "val" and v.append((p.step, round(p.val_dice, 4))))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         # the base is scored after fine-tuning (the fine-tuning's wall time is measured in a process that

@@ -31,19 +31,6 @@ if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     from .batches import AugmentConfig, BatchSource, SegDataset
     from .train_loop import Progress
 
-#: Defaults chosen by measurement (docs/finetune.md): a real gain on ~10 frames within five minutes on a
-#: 2-core CPU. The run ends at the first of: ``DEFAULT_STEPS`` steps, the time budget (the whole call,
-#: reading the frames to saving), or ``DEFAULT_PATIENCE`` validations in a row without a better
-#: held-out Dice. The best held-out weights are kept.
-DEFAULT_STEPS = 400
-DEFAULT_TIME_BUDGET_S = 240.0
-DEFAULT_PATIENCE = 8
-DEFAULT_LR = 1e-4
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_VAL_FRACTION = 0.2
-#: share of the base model's weights in the saved model: w = b·w_base + (1 - b)·w_finetuned
-#: (weight-space ensembling, "WiSE-FT"): keeps what the base knew about other images
-DEFAULT_BASE_WEIGHT = 0.0
 TRAINABLE = ("all", "decoder")
 
 
@@ -380,50 +367,103 @@ def _free(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def finetune(
-    model: str | os.PathLike,
-    data: Any,
-    output: str | os.PathLike,
-    *,
-    steps: int | None = DEFAULT_STEPS,
-    epochs: int | None = None,
-    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
-    patience: int | None = DEFAULT_PATIENCE,
-    base_weight: float = DEFAULT_BASE_WEIGHT,
-    augment_intensity: float = 0.1,
-    augment_gamma: bool = False,
-    lr: float = DEFAULT_LR,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    trainable: str = "all",
-    augment: bool = True,
-    freeze_bn: bool = True,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    val_split: str = "end",
-    val_data: Any = None,
-    device: str = "auto",
-    seed: int = 0,
-    overwrite: bool = False,
-    name: str | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-    on_status: Callable[[str], None] | None = None,
-) -> FinetuneResult:
-    """Fine-tune the model ``model`` (shipped/user name or checkpoint folder) and save it to ``output``.
+@dataclass
+class FinetuneConfig:
+    """The settings of a fine-tuning run: one object for the CLI, the widget and the benchmarks.
 
-    ``data``: :class:`LabelledImage` objects, ``(image, mask)`` array pairs, or one
-    ``(images_dir, masks_dir)`` folder pair. Validation frames are ``val_data`` when given, else a
-    ``val_fraction`` of the labelled frames: the last ones (``val_split="end"``) or a random choice.
     ``steps`` caps the optimiser steps, ``epochs`` the passes over the training frames, and
     ``time_budget_s`` the whole call (reading the frames to saving: training stops early enough to
     measure and save within it); any of them may be None, not all. ``patience`` stops after that many
     validations in a row without a better held-out Dice (None: never). ``base_weight`` mixes the base
     model's weights back in (0: the fine-tuned weights as trained; 0.5: halfway).
     ``augment_intensity`` / ``augment_gamma``: the brightness/contrast jitter (±10 %) and a gamma jitter.
-    ``freeze_bn`` keeps the base model's BatchNorm statistics (recommended for a few
-    frames). ``on_progress`` gets the training loop's :class:`~napari_sdunet.train_loop.Progress`
-    reports, starting with a ``"val"`` report at step 0 that holds the Dice before fine-tuning.
-    When ``should_stop()`` turns true the run ends without writing anything and the result has
-    ``cancelled=True`` and ``path=None``.
+    ``freeze_bn`` keeps the base model's BatchNorm statistics (recommended for a few frames).
+    ``val_fraction`` of the labelled frames is held out: the last ones (``val_split="end"``) or a
+    random choice.
+    """
+
+    # defaults chosen by measurement (docs/finetune.md): a real gain on ~10 frames within five minutes
+    # on a 2-core CPU; the run ends at the first of the steps, the time budget and the patience
+    steps: int | None = 400
+    epochs: int | None = None
+    time_budget_s: float | None = 240.0
+    patience: int | None = 8
+    #: share of the base model's weights in the saved model: w = b·w_base + (1 - b)·w_finetuned
+    #: (weight-space ensembling, "WiSE-FT"): keeps what the base knew about other images
+    base_weight: float = 0.0
+    lr: float = 1e-4
+    batch_size: int = 4
+    trainable: str = "all"
+    augment: bool = True
+    augment_intensity: float = 0.1
+    augment_gamma: bool = False
+    freeze_bn: bool = True
+    val_fraction: float = 0.2
+    val_split: str = "end"
+    seed: int = 0
+
+    def with_settings(self, **settings: Any) -> FinetuneConfig:
+        """A copy with ``settings`` changed; an unknown name is a :class:`FinetuneError`."""
+        from dataclasses import fields, replace
+
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise FinetuneError(f"unknown fine-tuning setting(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(known))}")
+        return replace(self, **settings)
+
+    def check(self) -> FinetuneConfig:
+        """Refuse settings that cannot run, with a sentence that names them."""
+        if self.trainable not in TRAINABLE:
+            raise FinetuneError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.steps is None and self.epochs is None and self.time_budget_s is None:
+            raise FinetuneError("give steps or epochs or a time budget (or several)")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:
+            raise FinetuneError("steps and epochs must be >= 1")
+        budget = self.time_budget_s
+        if budget is not None and not (budget > 0 and math.isfinite(budget)):
+            raise FinetuneError(f"the time budget must be a positive number of seconds, got {budget}")
+        if self.patience is not None and self.patience < 1:
+            raise FinetuneError("patience must be >= 1 (or None)")
+        if not 0.0 <= self.base_weight < 1.0:
+            raise FinetuneError(f"base_weight must be in [0, 1), got {self.base_weight}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FinetuneError(f"the learning rate must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise FinetuneError("batch_size must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise FinetuneError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_split not in VAL_SPLITS:
+            raise FinetuneError(f"the validation split must be one of {VAL_SPLITS}, got {self.val_split!r}")
+        return self
+
+
+def finetune(
+    model: str | os.PathLike,
+    data: Any,
+    output: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    *,
+    val_data: Any = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    name: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+    **settings: Any,
+) -> FinetuneResult:
+    """Fine-tune the model ``model`` (shipped/user name or checkpoint folder) and save it to ``output``.
+
+    ``data``: :class:`LabelledImage` objects, ``(image, mask)`` array pairs, or one
+    ``(images_dir, masks_dir)`` folder pair. Validation frames are ``val_data`` when given, else
+    ``config.val_fraction`` of the labelled frames. ``config`` (default :class:`FinetuneConfig`),
+    with any of its fields overridden by name in ``settings`` (``finetune(m, d, out, steps=50)``),
+    says how long and how to train. ``on_progress`` gets the training loop's
+    :class:`~napari_sdunet.train_loop.Progress` reports, starting with a ``"val"`` report at step 0
+    that holds the Dice before fine-tuning. When ``should_stop()`` turns true the run ends without
+    writing anything and the result has ``cancelled=True`` and ``path=None``.
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .devices import pick_device
@@ -432,22 +472,10 @@ def finetune(
 
     t_start = time.perf_counter()
     status = on_status or (lambda s: None)
-    if trainable not in TRAINABLE:
-        raise FinetuneError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
-    if steps is None and epochs is None and time_budget_s is None:
-        raise FinetuneError("give steps or epochs or a time budget (or several)")
-    if steps is not None and steps < 1 or epochs is not None and epochs < 1:
-        raise FinetuneError("steps and epochs must be >= 1")
-    if time_budget_s is not None and not (time_budget_s > 0 and math.isfinite(time_budget_s)):
-        raise FinetuneError(f"the time budget must be a positive number of seconds, got {time_budget_s}")
-    if patience is not None and patience < 1:
-        raise FinetuneError("patience must be >= 1 (or None)")
-    if not 0.0 <= base_weight < 1.0:
-        raise FinetuneError(f"base_weight must be in [0, 1), got {base_weight}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise FinetuneError(f"the learning rate must be a positive number, got {lr}")
-    if batch_size < 1:
-        raise FinetuneError("batch_size must be >= 1")
+    ft = (config or FinetuneConfig()).with_settings(**settings).check()
+    steps, epochs, time_budget_s, patience = ft.steps, ft.epochs, ft.time_budget_s, ft.patience
+    base_weight, lr, batch_size, trainable, seed = ft.base_weight, ft.lr, ft.batch_size, ft.trainable, ft.seed
+    augment, freeze_bn, val_fraction, val_split = ft.augment, ft.freeze_bn, ft.val_fraction, ft.val_split
     output = Path(output).expanduser()
     _check_output(output, overwrite)
     base_folder = resolve_model(model).resolve()
@@ -477,7 +505,7 @@ def finetune(
     train_set = frames_dataset(train_frames, prep, native=native)
     val_set = frames_dataset(val_frames, prep, native=native) if val_frames else None
     train_data, val_set, measure_set = training_data(
-        train_set, val_set, prep, batch_size, augment_config(augment, augment_intensity, augment_gamma), seed)
+        train_set, val_set, prep, batch_size, augment_config(augment, ft.augment_intensity, ft.augment_gamma), seed)
     dice_on = "validation" if val_set is not None else "training"
 
     if should_stop is not None and should_stop():
@@ -496,7 +524,7 @@ def finetune(
                         batch_size=batch_size, patience=patience if val_set is not None else None,
                         seed=seed, trainable=trainable, validate_on_stop=True)
         steps_per_epoch, total = plan_steps(cfg, train_data)
-        val_every = max(1, min(steps_per_epoch, math.ceil(min(total, DEFAULT_STEPS) / 20)))
+        val_every = max(1, min(steps_per_epoch, math.ceil(min(total, FinetuneConfig.steps) / 20)))
         cfg.val_every = val_every if val_set is not None else steps_per_epoch
         if on_progress is not None:
             on_progress(Progress("val", 0, total, 0, val_dice=dice_before, best_val_dice=dice_before))

@@ -452,3 +452,23 @@ def test_cli_time_budget_and_patience(tmp_path, base_model, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["steps"] == 3 and read_config(out)["finetune"]["time_budget_s"] is None
     assert read_config(out)["finetune"]["patience"] is None
+
+
+def test_one_finetune_config_for_the_cli_the_widget_and_the_engine():
+    """The defaults live in FinetuneConfig alone: the CLI's defaults are its fields; unknown settings fail."""
+    import argparse
+
+    from napari_sdunet.cli import finetune as cli_finetune
+    from napari_sdunet.finetune import FinetuneConfig
+
+    parser = argparse.ArgumentParser()
+    cli_finetune.register(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "--model", "m", "--images", "i", "--masks", "k", "-o", "out"])
+    d = FinetuneConfig()
+    assert (args.steps, args.time_budget, args.patience, args.lr, args.batch_size, args.val_fraction) == (
+        d.steps, d.time_budget_s, d.patience, d.lr, d.batch_size, d.val_fraction)
+    assert d.with_settings(steps=5).steps == 5 and d.steps == 400
+    with pytest.raises(FinetuneError, match="unknown fine-tuning setting"):
+        d.with_settings(stepz=5)
+    with pytest.raises(FinetuneError, match="learning rate"):
+        FinetuneConfig(lr=0).check()

@@ -6,15 +6,9 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..finetune import (
-        DEFAULT_BATCH_SIZE,
-        DEFAULT_LR,
-        DEFAULT_PATIENCE,
-        DEFAULT_STEPS,
-        DEFAULT_TIME_BUDGET_S,
-        DEFAULT_VAL_FRACTION,
-    )
+    from ..finetune import FinetuneConfig
 
+    d = FinetuneConfig()  # the one set of defaults (the widget and the benchmarks read it too)
     p = sub.add_parser(
         "finetune", help="fine-tune a model on corrected masks and save it as a new model",
         description="Pairs files of --images and --masks by file stem (PNG, JPEG, TIFF at any resolution, "
@@ -27,17 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images or volumes")
     p.add_argument("--masks", required=True, metavar="DIR", help="folder of corrected masks, same stems")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the new model")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"optimiser steps (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"optimiser steps (default {d.steps})")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training frames (caps --steps)")
-    p.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="SECONDS",
-                   help=f"seconds for the whole run, reading to saving (default {DEFAULT_TIME_BUDGET_S:g}; 0: none)")
-    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+    p.add_argument("--time-budget", type=float, default=d.time_budget_s, metavar="SECONDS",
+                   help=f"seconds for the whole run, reading to saving (default {d.time_budget_s:g}; 0: none)")
+    p.add_argument("--patience", type=int, default=d.patience,
                    help=f"stop after this many validations without a better held-out Dice "
-                        f"(default {DEFAULT_PATIENCE}; 0: never)")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR:g})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"frames per step (default {DEFAULT_BATCH_SIZE})")
+                        f"(default {d.patience}; 0: never)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"frames per step (default {d.batch_size})")
     p.add_argument("--trainable", choices=["all", "decoder"], default="all",
                    help="train all weights (default) or only the decoder")
     p.add_argument("--no-augment", dest="augment", action="store_false",
@@ -45,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--update-bn", dest="freeze_bn", action="store_false",
                    help="let BatchNorm statistics follow the new frames (default: keep the base model's, "
                         "which is better for a few frames)")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help=f"fraction of frames held out for validation (default {DEFAULT_VAL_FRACTION}; 0: none)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"fraction of frames held out for validation (default {d.val_fraction}; 0: none)")
     p.add_argument("--val-split", choices=["end", "random"], default="end",
                    help="which frames --val-fraction holds out: the last ones in file-name order (default; "
                         "for video frames these are not near-copies of the training frames) or random ones")
@@ -66,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ..finetune import finetune, pairs_from_folders
+    from ..finetune import FinetuneConfig, finetune, pairs_from_folders
 
     if (args.val_images is None) != (args.val_masks is None):
         raise ValueError("give both --val-images and --val-masks, or neither")
@@ -88,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{p.loss:.4f}", val_dice=f"{last_val:.4f}")
 
     try:
-        res = finetune(args.model, data, args.output, steps=args.steps, epochs=args.epochs, lr=args.lr,
-                       time_budget_s=args.time_budget or None, patience=args.patience or None,
-                       batch_size=args.batch_size, trainable=args.trainable, augment=args.augment,
-                       freeze_bn=args.freeze_bn, val_fraction=args.val_fraction, val_split=args.val_split,
-                       val_data=val, device=args.device, seed=args.seed,
+        cfg = FinetuneConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, time_budget_s=args.time_budget or None,
+                             patience=args.patience or None, batch_size=args.batch_size, trainable=args.trainable,
+                             augment=args.augment, freeze_bn=args.freeze_bn, val_fraction=args.val_fraction,
+                             val_split=args.val_split, seed=args.seed)
+        res = finetune(args.model, data, args.output, cfg, val_data=val, device=args.device,
                        overwrite=args.overwrite, on_progress=progress, on_status=lambda s: tqdm.write(s))
     finally:
         if bar is not None:

@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import napari
 import numpy as np
@@ -37,6 +37,9 @@ from ..axes import propose_layer_axes
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, models_changed, notify_error
 
 LR_CHOICES = [("1e-5", 1e-5), ("3e-5", 3e-5), ("1e-4", 1e-4), ("3e-4", 3e-4), ("1e-3", 1e-3), ("3e-3", 3e-3)]
+
+if TYPE_CHECKING:
+    from ..finetune import FinetuneConfig
 
 
 def parse_frames(text: str) -> list[int]:
@@ -133,7 +136,7 @@ class FinetuneRunner(JobRunner):
 
 
 def finetune_job(stop: threading.Event, reports: list, base: str, items: list, output: str,
-                 val_items: list | None, settings: dict[str, Any]
+                 val_items: list | None, config: FinetuneConfig, device: str = "auto", overwrite: bool = False,
                  ) -> Generator[tuple[int, int, str], None, Any]:
     """Run :func:`~napari_sdunet.finetune.finetune` in a helper thread and relay its progress.
 
@@ -146,12 +149,13 @@ def finetune_job(stop: threading.Event, reports: list, base: str, items: list, o
 
     q: queue.Queue = queue.Queue()
     box: dict[str, Any] = {}
-    budget = settings.get("time_budget_s")
+    budget = config.time_budget_s
 
     def target() -> None:
         try:
-            box["result"] = finetune(base, items, output, val_data=val_items, should_stop=stop.is_set,
-                                     on_progress=q.put, on_status=q.put, **settings)
+            box["result"] = finetune(base, items, output, config, val_data=val_items, device=device,
+                                     overwrite=overwrite, should_stop=stop.is_set, on_progress=q.put,
+                                     on_status=q.put)
         except BaseException as e:  # handed to the worker thread, which reports it
             box["error"] = e
 
@@ -196,28 +200,24 @@ class FinetuneWidget(Container):
     """Plugins > napari-sdunet > Fine-tune."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        from ..finetune import (
-            DEFAULT_BATCH_SIZE,
-            DEFAULT_LR,
-            DEFAULT_STEPS,
-            DEFAULT_TIME_BUDGET_S,
-            DEFAULT_VAL_FRACTION,
-        )
+        from ..finetune import FinetuneConfig
+
+        d = FinetuneConfig()  # the defaults of the CLI and the benchmarks too
 
         self.viewer = viewer
         self.pairs = Container(widgets=[], labels=False)
         self.add_pair_button = PushButton(text="Add pair")
         self.models = ModelPicker(label="base model")
         self.length_unit = ComboBox(label="train for", choices=["steps", "epochs"], value="steps")
-        self.length = SpinBox(label="how many", min=1, max=100_000, value=DEFAULT_STEPS,
+        self.length = SpinBox(label="how many", min=1, max=100_000, value=d.steps,
                               tooltip="at most this many; the time budget or no better held-out Dice may stop "
                                       "the run earlier (the best held-out weights are kept)")
         self.time_budget = SpinBox(label="time budget (s)", min=0, max=86_400, step=30,
-                                   value=int(DEFAULT_TIME_BUDGET_S),
+                                   value=int(d.time_budget_s),
                                    tooltip="the whole run (preparing, training, measuring, saving) ends within "
                                            "about this many seconds; 0: no limit")
-        self.lr = ComboBox(label="learning rate", choices=LR_CHOICES, value=DEFAULT_LR)
-        self.batch_size = SpinBox(label="batch size", min=1, max=256, value=DEFAULT_BATCH_SIZE)
+        self.lr = ComboBox(label="learning rate", choices=LR_CHOICES, value=d.lr)
+        self.batch_size = SpinBox(label="batch size", min=1, max=256, value=d.batch_size)
         self.trainable = ComboBox(label="train", choices=[("all weights", "all"), ("decoder only", "decoder")],
                                   value="all")
         self.augment = CheckBox(text="augment (flips, rotations, intensity)", value=True)
@@ -229,7 +229,7 @@ class FinetuneWidget(Container):
                                           ("a chosen pair", "pair")],
                                  tooltip="frames held out to measure Dice and keep the best weights; in a video the "
                                          "last frames are less alike the training frames than random ones")
-        self.val_fraction = FloatSpinBox(label="fraction", min=0.0, max=0.9, step=0.05, value=DEFAULT_VAL_FRACTION)
+        self.val_fraction = FloatSpinBox(label="fraction", min=0.0, max=0.9, step=0.05, value=d.val_fraction)
         self.val_pair = SpinBox(label="pair number", min=1, max=1, value=1, visible=False)
         self.device = device_combo()
         self.model_name = LineEdit(label="new model name", value="",
@@ -325,26 +325,27 @@ class FinetuneWidget(Container):
             notify_error(f"Fine-tune: {e}")
             return None
         n = int(self.length.value)
-        settings = {
-            "steps": n if self.length_unit.value == "steps" else None,
-            "epochs": n if self.length_unit.value == "epochs" else None,
-            "lr": float(self.lr.value), "batch_size": int(self.batch_size.value),
-            "trainable": self.trainable.value, "augment": bool(self.augment.value),
-            "freeze_bn": bool(self.freeze_bn.value),
-            "val_fraction": float(self.val_fraction.value) if val_items is None else 0.0,
-            "val_split": "random" if self.val_mode.value == "random" else "end",
-            "time_budget_s": float(self.time_budget.value) or None,
-            "device": self.device.value, "overwrite": bool(self.overwrite.value),
-        }
+        from ..finetune import FinetuneConfig
+
+        config = FinetuneConfig(
+            steps=n if self.length_unit.value == "steps" else None,
+            epochs=n if self.length_unit.value == "epochs" else None,
+            lr=float(self.lr.value), batch_size=int(self.batch_size.value),
+            trainable=self.trainable.value, augment=bool(self.augment.value),
+            freeze_bn=bool(self.freeze_bn.value),
+            val_fraction=float(self.val_fraction.value) if val_items is None else 0.0,
+            val_split="random" if self.val_mode.value == "random" else "end",
+            time_budget_s=float(self.time_budget.value) or None)
         self.runner.stop_event = threading.Event()
         self._reports = []
         self._shown = 0
-        self._fixed_x = settings["time_budget_s"] is None  # with a time budget the x axis grows with the run
-        self.plot.reset(n if settings["steps"] and self._fixed_x else 0)
+        self._fixed_x = config.time_budget_s is None  # with a time budget the x axis grows with the run
+        self.plot.reset(n if config.steps and self._fixed_x else 0)
         self.result.value = ""
         self.last_result = None
         worker = self.runner.start(finetune_job, self.runner.stop_event, self._reports, base, items, output,
-                                   val_items, settings, on_result=self._finished)
+                                   val_items, config, self.device.value, bool(self.overwrite.value),
+                                   on_result=self._finished)
         if worker is not None:
             worker.yielded.connect(self._update_plot)
         return worker
