@@ -8,6 +8,8 @@
 """
 
 from .layer import DIRECTIONS, SDN, ResSDN, SDNCell
-from .sweep import list_sweeps, register_sweep, sweep
+from .sweep import list_sweeps, register_sweep
 
-__all__ = ["DIRECTIONS", "SDN", "ResSDN", "SDNCell", "list_sweeps", "register_sweep", "sweep"]
+# the sweep function itself is napari_sdunet.models.sdn.sweep.sweep: a package attribute of that
+# name would hide the submodule
+__all__ = ["DIRECTIONS", "SDN", "ResSDN", "SDNCell", "list_sweeps", "register_sweep"]
