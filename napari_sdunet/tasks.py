@@ -129,10 +129,3 @@ TASKS: dict[str, TaskPreset] = {t.name: t for t in (
                preprocessing=Preprocessing((128, 128), 1, "ct", ct_window=DEFAULT_CT_WINDOW)),
 )}
 
-
-def task_preset(task: str) -> TaskPreset:
-    """The preset ``task``; ValueError naming the choices otherwise."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    return TASKS[task]
-
