@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     res = finetune(base, (tune_img, tune_mask), out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                    trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
                    val_fraction=args.val_fraction, val_split=args.val_split, device="cpu",
-                   on_status=lambda s: print(f"  {s}", flush=True))
+                   on_progress=lambda p: p.kind == "status" and print(f"  {p.message}", flush=True))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     # the base is scored after fine-tuning, as in finetune_shifts.py
     before = evaluate(base, eval_img, eval_mask)

@@ -109,6 +109,9 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from .zoo import models_changed  # the one "a model was saved" signal (zoo imports this module)
+
+    models_changed(folder)
     return folder
 
 

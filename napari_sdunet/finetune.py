@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
 
     from .batches import AugmentConfig, BatchSource, SegDataset
-    from .train_loop import Progress
+    from .events import Progress
 
 TRAINABLE = ("all", "decoder")
 
@@ -451,7 +451,6 @@ def finetune(
     name: str | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
-    on_status: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> FinetuneResult:
     """Fine-tune the model ``model`` (shipped/user name or checkpoint folder) and save it to ``output``.
@@ -460,18 +459,23 @@ def finetune(
     ``(images_dir, masks_dir)`` folder pair. Validation frames are ``val_data`` when given, else
     ``config.val_fraction`` of the labelled frames. ``config`` (default :class:`FinetuneConfig`),
     with any of its fields overridden by name in ``settings`` (``finetune(m, d, out, steps=50)``),
-    says how long and how to train. ``on_progress`` gets the training loop's
-    :class:`~napari_sdunet.train_loop.Progress` reports, starting with a ``"val"`` report at step 0
-    that holds the Dice before fine-tuning. When ``should_stop()`` turns true the run ends without
-    writing anything and the result has ``cancelled=True`` and ``path=None``.
+    says how long and how to train. ``on_progress`` gets :class:`~napari_sdunet.events.Progress`
+    reports: ``"status"`` as each stage starts, then a ``"val"`` report at step 0 that holds the Dice
+    before fine-tuning, then the training loop's. When ``should_stop()`` turns true the run ends
+    without writing anything and the result has ``cancelled=True`` and ``path=None``.
     """
     from .checkpoint import load_checkpoint, save_checkpoint
     from .devices import pick_device
-    from .train_loop import FitConfig, Progress, evaluate_dice, fit, plan_steps
+    from .events import Progress
+    from .events import status as status_report
+    from .train_loop import FitConfig, evaluate_dice, fit, plan_steps
     from .zoo import resolve_model
 
     t_start = time.perf_counter()
-    status = on_status or (lambda s: None)
+    def status(message: str) -> None:  # the stages of the run, on the same channel as the training reports
+        if on_progress is not None:
+            on_progress(status_report(message))
+
     ft = (config or FinetuneConfig()).with_settings(**settings).check()
     steps, epochs, time_budget_s, patience = ft.steps, ft.epochs, ft.time_budget_s, ft.patience
     base_weight, lr, batch_size, trainable, seed = ft.base_weight, ft.lr, ft.batch_size, ft.trainable, ft.seed

@@ -21,6 +21,7 @@ import numpy as np
 from .axes import check_axes, propose_axes
 from .devices import pick_device
 from .errors import InputError
+from .events import Progress
 from .tasks import MODALITIES, WINDOW, intensity_rule, modality_names
 
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
@@ -234,8 +235,9 @@ def predict_prepared(model: torch.nn.Module, x: torch.Tensor, prep: dict[str, An
 
 def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
                  modality: str | None = None, ct_window: Sequence[float] | None = None,
-                 tta: bool = False, scale: float = 1.0) -> Generator[tuple[int, int], None, np.ndarray]:
-    """Generator: yields ``(frames_done, n_frames)`` after each batch and returns probabilities.
+                 tta: bool = False, scale: float = 1.0) -> Generator[Progress, None, np.ndarray]:
+    """Generator: yields a ``"frames"`` :class:`~napari_sdunet.events.Progress` after each batch
+    (``step`` frames of ``total_steps`` done) and returns the probabilities.
 
     ``data`` is one image or stack laid out as ``axes``; the result is float32 in [0, 1] with the
     spatial shape (the colour axis dropped). Stopping the generator between yields cancels the run.
@@ -257,19 +259,19 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
     prep["channels"] = loaded.in_channels
     n, hw = frames.shape[0], tuple(frames.shape[1:3])
     out = np.empty((n, *hw), dtype=np.float32)
-    yield 0, n
+    yield Progress("frames", 0, n)
     with torch.inference_mode():
         if prep.get("mode") == "tiles":
             for i in range(n):
                 out[i] = _predict_tiles(loaded, np.asarray(frames[i]), has_c, prep, tta, scale)
-                yield i + 1, n
+                yield Progress("frames", i + 1, n)
         else:
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
                 x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
                 prob = predict_prepared(loaded.model, x, prep, tta)  # x is at the model's size already
                 out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
-                yield stop, n
+                yield Progress("frames", stop, n)
     return out.reshape(spatial_shape(np.shape(data), axes))
 
 
@@ -289,9 +291,9 @@ def _predict_tiles(loaded: LoadedModel, frame: np.ndarray, has_c: bool, prep: di
 
 def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
             modality: str | None = None, ct_window: Sequence[float] | None = None, tta: bool = False,
-            scale: float = 1.0, progress: Callable[[int, int], None] | None = None,
+            scale: float = 1.0, on_progress: Callable[[Progress], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-    """Probabilities for ``data`` (see :func:`iter_predict`), with a progress callback and cancel.
+    """Probabilities for ``data`` (see :func:`iter_predict`), with progress reports and cancel.
 
     Raises :class:`Cancelled` when ``should_stop()`` turns True (checked between batches).
     """
@@ -302,9 +304,10 @@ def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int
                        ct_window=ct_window, tta=tta, scale=scale)
     try:
         while True:
-            done, total = next(gen)
-            if progress is not None:
-                progress(done, total)
+            p = next(gen)
+            done, total = p.step, p.total_steps
+            if on_progress is not None:
+                on_progress(p)
             if should_stop is not None and should_stop() and done < total:
                 gen.close()
                 raise Cancelled(f"cancelled after {done} of {total} frames")

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batches import BatchSource
 from .devices import pick_device
+from .events import Progress
 from .inference import predict_probabilities
 from .losses import dice_bce_loss, hard_dice
 
@@ -69,20 +70,6 @@ def lr_factor(cfg: FitConfig, step: int, total: int) -> float:
     span = max(1, total - cfg.warmup_steps)
     t = min(max(step - cfg.warmup_steps, 0), span) / span
     return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-@dataclass
-class Progress:
-    """One report to the caller: training step done, or validation done."""
-
-    kind: str  # "step" | "val" | "done"
-    step: int
-    total_steps: int
-    epoch: int
-    loss: float = math.nan
-    val_dice: float = math.nan
-    best_val_dice: float = math.nan
-    seconds: float = 0.0
 
 
 @dataclass

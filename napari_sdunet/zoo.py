@@ -7,6 +7,7 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,29 @@ if TYPE_CHECKING:
     import torch
 
 PACKAGE_WEIGHTS = Path(__file__).with_name("weights")
+
+#: callbacks told when a model folder is written (see :func:`on_models_changed`)
+_LISTENERS: list[Callable[[Path | None], None]] = []
+
+
+def on_models_changed(callback: Callable[[Path | None], None]) -> Callable[[], None]:
+    """Call ``callback(folder)`` whenever a model is saved (by fine-tuning, training, the CLI) in this
+    process; returns the function that unsubscribes it. The widgets' model pickers listen here.
+    Callbacks may run in a worker thread: a GUI listener hands the news to its own thread."""
+    _LISTENERS.append(callback)
+
+    def unsubscribe() -> None:
+        if callback in _LISTENERS:
+            _LISTENERS.remove(callback)
+
+    return unsubscribe
+
+
+def models_changed(folder: Path | None = None) -> None:
+    """Tell every listener that the model list changed (:func:`~napari_sdunet.checkpoint.save_checkpoint`
+    calls it after each model it writes)."""
+    for callback in list(_LISTENERS):
+        callback(folder)
 
 
 def user_models_dir() -> Path:

@@ -85,3 +85,18 @@ def test_interrupted_save_keeps_previous(tmp_path, monkeypatch):
         save_checkpoint(create_model("unet", task="nuclei"), folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temp folder left behind
+
+
+def test_saving_a_model_tells_the_zoo_listeners(tmp_path):
+    """The one "a model was saved" signal: save_checkpoint calls every zoo.on_models_changed listener."""
+    from napari_sdunet import zoo
+
+    heard = []
+    unsubscribe = zoo.on_models_changed(heard.append)
+    try:
+        folder = save_checkpoint(create_model("unet", "nuclei", base_filters=4, depth=2), tmp_path / "m", task="nuclei")
+    finally:
+        unsubscribe()
+    assert heard == [folder]
+    save_checkpoint(create_model("unet", "nuclei", base_filters=4, depth=2), tmp_path / "n", task="nuclei")
+    assert heard == [folder]  # unsubscribed

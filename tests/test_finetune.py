@@ -98,7 +98,8 @@ def test_finetune_on_real_frames_lowers_loss_and_improves_dice(tmp_path, pretrai
     assert len(losses) == 40 == res.steps
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert res.dice_after > res.dice_before + 0.1, (res.dice_before, res.dice_after)
-    first = seen[0]
+    assert seen[0].kind == "status" and seen[0].message  # stages are reported on the same channel
+    first = next(p for p in seen if p.kind != "status")
     assert first.kind == "val" and first.step == 0 and first.val_dice == pytest.approx(res.dice_before)
     # a normal checkpoint folder, with its provenance and a card naming the base model
     cfg = read_config(res.path)
@@ -302,8 +303,9 @@ def test_reported_total_is_what_fit_runs(tmp_path, base_model):
     res = finetune(base_model, _random_pairs(5), tmp_path / "sched", steps=None, epochs=2, batch_size=4,
                    val_data=_random_pairs(1, seed=3), device="cpu", on_progress=seen.append)
     assert res.steps == 2
-    assert {p.total_steps for p in seen} == {2}
-    assert seen[0].kind == "val" and seen[0].step == 0
+    training = [p for p in seen if p.kind != "status"]
+    assert {p.total_steps for p in training} == {2}
+    assert training[0].kind == "val" and training[0].step == 0
     from napari_sdunet.batches import BatchSource
     from napari_sdunet.train_loop import FitConfig, plan_steps
 

@@ -89,7 +89,8 @@ def test_predict_shapes_and_values(axes, shape):
     data = data + rng.integers(0, 20, size=shape, dtype=np.uint8)
     prep = {"input_size": [96, 96], "channels": 1, "ct_window": None}
     calls = []
-    prob = predict(brightness_model(prep), data, axes, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    prob = predict(brightness_model(prep), data, axes, batch_size=2,
+                   on_progress=lambda p: calls.append((p.step, p.total_steps)))
     spatial = tuple(s for s, a in zip(shape, axes) if a != "C")
     assert prob.shape == spatial and prob.dtype == np.float32
     mask = to_labels(prob)
@@ -131,7 +132,7 @@ def test_cancel_between_batches():
     seen = []
     with pytest.raises(Cancelled):
         predict(loaded, np.zeros((10, 32, 32), np.uint8), "ZYX", batch_size=2,
-                progress=lambda d, t: seen.append(d), should_stop=lambda: len(seen) >= 2)
+                on_progress=lambda p: seen.append(p.step), should_stop=lambda: len(seen) >= 2)
     assert seen == [0, 2]
 
 

@@ -104,3 +104,19 @@ def test_cpu_bf16_trains_in_bfloat16_and_keeps_fp32_weights():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(math.isfinite(v) for v in losses) and sum(losses[-6:]) < 0.8 * sum(losses[:6])
     assert res.steps == 75
+
+
+def test_every_engine_report_is_one_progress_class():
+    """Training, fine-tuning and prediction report through napari_sdunet.events.Progress alone."""
+    import napari_sdunet.finetune as ft
+    import napari_sdunet.inference as inf
+    import napari_sdunet.train_loop as tl
+    from napari_sdunet.events import Progress, status
+
+    assert tl.Progress is Progress and inf.Progress is Progress
+    assert not hasattr(ft, "fit_schedule")
+    assert status("saving").kind == "status"
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown progress kind"):
+        Progress("stepz")

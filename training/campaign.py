@@ -325,8 +325,9 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     import torch
 
     from napari_sdunet.checkpoint import load_checkpoint
+    from napari_sdunet.events import Progress
     from napari_sdunet.models import create_model, get_arch
-    from napari_sdunet.train_loop import FitConfig, Progress, fit
+    from napari_sdunet.train_loop import FitConfig, fit
 
     from .runner import warm_start
 

@@ -19,9 +19,10 @@ import torch
 
 from napari_sdunet.batches import AugmentConfig
 from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
+from napari_sdunet.events import Progress
 from napari_sdunet.models import SegmentationModel, count_parameters, create_model
 from napari_sdunet.tasks import TASKS
-from napari_sdunet.train_loop import FitConfig, Progress, fit
+from napari_sdunet.train_loop import FitConfig, fit
 
 from .datasets import LIVER_TEST_SOURCE, load_split, load_volumes, resolve_source
 from .evaluate import evaluate_2d, evaluate_volumes

@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(p) -> None:
         nonlocal bar, last_val
+        if p.kind == "status":
+            tqdm.write(p.message)
+            return
         if p.kind == "val":
             last_val = p.val_dice
             if p.step == 0:
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                              augment=args.augment, freeze_bn=args.freeze_bn, val_fraction=args.val_fraction,
                              val_split=args.val_split, seed=args.seed)
         res = finetune(args.model, data, args.output, cfg, val_data=val, device=args.device,
-                       overwrite=args.overwrite, on_progress=progress, on_status=lambda s: tqdm.write(s))
+                       overwrite=args.overwrite, on_progress=progress)
     finally:
         if bar is not None:
             bar.close()

@@ -1,9 +1,10 @@
 """Pieces shared by the napari-sdunet widgets: layer pickers, model and device combos, job runner.
 
 Nothing here imports torch at module level; model listing and loading happen when a widget is used.
-A job is a generator that yields ``(done, total, message)`` and returns its result; :class:`JobRunner`
-runs it in a napari thread worker with a progress bar and a Cancel button, and turns the errors a
-user can cause (bad input, corrupt checkpoint, missing device) into notifications, not tracebacks.
+A job is a generator that yields :class:`~napari_sdunet.events.Progress` reports and returns its
+result; :class:`JobRunner` runs it in a napari thread worker with a progress bar and a Cancel
+button, and turns the errors a user can cause (bad input, corrupt checkpoint, missing device)
+into notifications, not tracebacks.
 """
 
 from __future__ import annotations
@@ -79,17 +80,36 @@ def model_choices() -> list[tuple[str, str]]:
     return out
 
 
-#: every live model picker, refreshed together when a model is saved (:func:`models_changed`)
+#: every live model picker, refreshed together when a model is saved (:func:`refresh_pickers`)
 _PICKERS: weakref.WeakSet = weakref.WeakSet()
+_RELAY: Any = None
 
 
-def models_changed() -> None:
-    """List the models again in every model picker of every widget (e.g. after fine-tuning saved one)."""
+def refresh_pickers() -> None:
+    """List the models again in every model picker of every widget (in every viewer)."""
     for picker in list(_PICKERS):
         try:
             picker.refresh()
         except RuntimeError:  # its Qt widget was deleted with its viewer
             _PICKERS.discard(picker)
+
+
+def _listen_to_the_zoo() -> None:
+    """Subscribe the pickers to :func:`napari_sdunet.zoo.on_models_changed` once. A model may be saved
+    in a worker thread: a Qt signal of an object made here (the GUI thread) brings the refresh back."""
+    global _RELAY
+    if _RELAY is not None:
+        return
+    from qtpy.QtCore import QObject, Signal
+
+    from ..zoo import on_models_changed
+
+    class Relay(QObject):
+        changed = Signal()
+
+    _RELAY = Relay()
+    _RELAY.changed.connect(refresh_pickers)
+    on_models_changed(lambda _folder: _RELAY.changed.emit())
 
 
 class ModelPicker(Container):
@@ -118,6 +138,7 @@ class ModelPicker(Container):
         if self.combo.value is None:  # never start empty while models exist
             self.follow(None)
         _PICKERS.add(self)
+        _listen_to_the_zoo()
 
     def _choices(self, _widget: Any = None) -> list[tuple[str, str]]:
         try:
@@ -407,7 +428,7 @@ class JobRunner(Container):
     def _on_progress(self, item: Any) -> None:
         if self._closed:
             return
-        done, total, message = item
+        done, total, message = item.step, item.total_steps, item.message
         if total:
             self.progress.max = max(int(total), 1)
             self.progress.value = min(int(done), int(total))

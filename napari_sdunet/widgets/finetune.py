@@ -34,7 +34,8 @@ from magicgui.widgets import (
 )
 
 from ..axes import propose_layer_axes
-from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, models_changed, notify_error
+from ..events import Progress
+from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
 
 LR_CHOICES = [("1e-5", 1e-5), ("3e-5", 3e-5), ("1e-4", 1e-4), ("3e-4", 3e-4), ("1e-3", 1e-3), ("3e-3", 3e-3)]
 
@@ -137,13 +138,14 @@ class FinetuneRunner(JobRunner):
 
 def finetune_job(stop: threading.Event, reports: list, base: str, items: list, output: str,
                  val_items: list | None, config: FinetuneConfig, device: str = "auto", overwrite: bool = False,
-                 ) -> Generator[tuple[int, int, str], None, Any]:
+                 ) -> Generator[Progress, None, Any]:
     """Run :func:`~napari_sdunet.finetune.finetune` in a helper thread and relay its progress.
 
-    Training reports (``Progress``) are appended to ``reports`` for the plot; the yielded
-    ``(done, total, message)`` drive the progress bar (steps, or seconds of the time budget when that
-    ends the run first) and the status line (step, loss, held-out Dice). However this generator ends
-    (result, error, or closed by the worker on cancel), the training thread is stopped and joined.
+    Training reports (``Progress``) are appended to ``reports`` for the plot; the yielded ``"status"``
+    reports (``step`` of ``total_steps``, ``message``) drive the progress bar (steps, or seconds of
+    the time budget when that ends the run first) and the status line (step, loss, held-out Dice).
+    However this generator ends (result, error, or closed by the worker on cancel), the training
+    thread is stopped and joined.
     """
     from ..finetune import finetune
 
@@ -154,8 +156,7 @@ def finetune_job(stop: threading.Event, reports: list, base: str, items: list, o
     def target() -> None:
         try:
             box["result"] = finetune(base, items, output, config, val_data=val_items, device=device,
-                                     overwrite=overwrite, should_stop=stop.is_set, on_progress=q.put,
-                                     on_status=q.put)
+                                     overwrite=overwrite, should_stop=stop.is_set, on_progress=q.put)
         except BaseException as e:  # handed to the worker thread, which reports it
             box["error"] = e
 
@@ -169,8 +170,8 @@ def finetune_job(stop: threading.Event, reports: list, base: str, items: list, o
                 item = q.get(timeout=0.1)
             except queue.Empty:
                 item = None
-            if isinstance(item, str):
-                status = item
+            if item is not None and item.kind == "status":
+                status = item.message
             elif item is not None:
                 reports.append(item)
                 done, total = item.step, item.total_steps
@@ -184,9 +185,9 @@ def finetune_job(stop: threading.Event, reports: list, base: str, items: list, o
                               + (f", {time.perf_counter() - t0:.0f} of {budget:.0f} s" if budget else ""))
             elapsed = time.perf_counter() - t0
             if budget and (not total or elapsed / budget > done / max(total, 1)):
-                yield int(elapsed), int(budget), status  # the time budget ends the run first
+                yield Progress("status", int(elapsed), int(budget), message=status)  # the budget ends it first
             else:
-                yield done, total, status
+                yield Progress("status", done, total, message=status)
     finally:
         if thread.is_alive():  # closed early (cancel, viewer closing): stop training
             stop.set()
@@ -382,9 +383,4 @@ class FinetuneWidget(Container):
                              f"{result.steps} steps in {result.total_seconds:.0f} s, {kept}\n"
                              f"stopped by {result.stopped_by}{verdict}")
         self.result.tooltip = str(result.path)
-        self.runner.status.value = f"done: saved {result.path.name}"
-        self.refresh_model_lists()
-
-    def refresh_model_lists(self) -> None:
-        """Refresh the model list of every napari-sdunet widget (in every viewer), this one included."""
-        models_changed()
+        self.runner.status.value = f"done: saved {result.path.name}"  # the zoo signal refreshed the pickers

@@ -16,6 +16,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, SpinBox
 
 from ..axes import AXES, propose_layer_axes
+from ..events import Progress, status
 from ..tasks import DEFAULT_CT_WINDOW, MODALITIES, WINDOW, intensity_rule
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
 
@@ -44,7 +45,7 @@ def output_layer_kwargs(layer: Any, axes: str) -> dict[str, Any]:
 
 def segment_job(model_ref: str, device: str, data: Any, axes: str, modality: str | None,
                 ct_window: tuple[float, float] | None, batch_size: int, tta: bool, scale: float = 1.0,
-                affine: Any = None) -> Generator[tuple[int, int, str], None, tuple[str, np.ndarray]]:
+                affine: Any = None) -> Generator[Progress, None, tuple[str, np.ndarray]]:
     """Load the model (cached), then segment ``data`` batch by batch, yielding progress.
 
     A NIfTI volume (``affine`` given, axes ZYX) is turned into the orientation the model learnt from
@@ -52,7 +53,7 @@ def segment_job(model_ref: str, device: str, data: Any, axes: str, modality: str
     """
     from ..inference import iter_predict, load_model, model_orientation
 
-    yield 0, 0, f"loading {model_ref} ..."
+    yield status(f"loading {model_ref} ...")
     loaded = load_model(model_ref, device)
     back = None
     if affine is not None and axes == "ZYX":
@@ -63,8 +64,9 @@ def segment_job(model_ref: str, device: str, data: Any, axes: str, modality: str
                        ct_window=ct_window, tta=tta, scale=scale)
     try:
         while True:
-            done, total = next(gen)
-            yield done, total, f"{loaded.name} on {loaded.device}: {done}/{total} frame(s)"
+            p = next(gen)
+            p.message = f"{loaded.name} on {loaded.device}: {p.step}/{p.total_steps} frame(s)"
+            yield p
     except StopIteration as stop:
         prob = stop.value
         return loaded.name, (back(prob) if back is not None else prob)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 
 from napari_sdunet.errors import InputError
+from napari_sdunet.events import Progress
 from napari_sdunet.widgets._common import Failure, _guarded, expected_errors
 
 
 def _run(error: BaseException):
     def job():
-        yield 0, 1, "working"
+        yield Progress("status", 0, 1, message="working")
         raise error
 
     gen = _guarded(job, (), {})
-    assert next(gen) == (0, 1, "working")
+    p = next(gen)
+    assert (p.step, p.total_steps, p.message) == (0, 1, "working")
     with pytest.raises(StopIteration) as stop:
         next(gen)
     return stop.value.value

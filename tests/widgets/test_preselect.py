@@ -198,15 +198,17 @@ def test_finetune_base_model_follows_the_first_pair(make_napari_viewer, shipped)
     assert w.models.model == shipped["polyps"]
 
 
-def test_every_picker_refreshes_when_a_model_is_saved(make_napari_viewer, shipped):
-    from napari_sdunet.widgets._common import models_changed
+def test_every_picker_refreshes_when_a_model_is_saved(make_napari_viewer, shipped, qtbot):
+    import threading
+
     from napari_sdunet.widgets.finetune import FinetuneWidget
 
     v1, v2 = make_napari_viewer(), make_napari_viewer()
     pickers = [SegmentWidget(v1).models, FinetuneWidget(v1).models, SegmentWidget(v2).models]
-    mine = str(make_checkpoint(zoo.user_models_dir() / "polyps-mine", task="polyps"))
-    assert all(mine not in p.combo.choices for p in pickers)  # listed when asked, not by polling
-    models_changed()  # what the Fine-tune widget calls after saving
-    for p in pickers:
-        assert mine in p.combo.choices
+    mine = zoo.user_models_dir() / "polyps-mine"
+    saver = threading.Thread(target=make_checkpoint, args=(mine,), kwargs={"task": "polyps"})
+    saver.start()  # saved in a worker thread, as fine-tuning does: the zoo signal reaches the GUI thread
+    saver.join()
+    mine = str(mine)
+    qtbot.waitUntil(lambda: all(mine in p.combo.choices for p in pickers), timeout=5000)
     assert "polyps-mine: polyps, no test Dice recorded (yours)" in [label for label, _ in pickers[0].listed()]
