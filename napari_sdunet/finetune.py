@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
 
     from .batches import AugmentConfig, BatchSource, SegDataset
     from .events import Progress
+    from .train_loop import FitConfig
 
 TRAINABLE = ("all", "decoder")
 
@@ -439,6 +440,78 @@ class FinetuneConfig:
         return self
 
 
+def gather_frames(data: Any, val_data: Any, ft: FinetuneConfig) -> tuple[list[Frame], list[Frame], bool]:
+    """(training frames, validation frames, whether the validation frames were given) of a run."""
+    items = _as_items(data)
+    if not items:
+        raise FinetuneError("no training data given")
+    frames = [f for it in items for f in labelled_frames(it)]
+    if not frames:
+        raise FinetuneError("none of the given images has a labelled frame (labels are empty everywhere); "
+                            "paint the objects, or mark the checked frames")
+    val_items = _as_items(val_data)
+    if val_items:
+        val_frames = [f for it in val_items for f in labelled_frames(it)]
+        if not val_frames:
+            raise FinetuneError("the validation data has no labelled frame")
+        return frames, val_frames, True
+    train, val = split_frames(frames, ft.val_fraction, ft.seed, ft.val_split)
+    return train, val, False
+
+
+def fit_config(ft: FinetuneConfig, batches: BatchSource, has_val: bool) -> tuple[FitConfig, int]:
+    """The training loop's settings for a fine-tuning run and its total steps, from fit's own schedule
+    (:func:`~napari_sdunet.train_loop.plan_steps`): the first report announces the steps fit runs.
+    About 20 validations over the run (at most one per pass over the frames)."""
+    from .train_loop import FitConfig, plan_steps
+
+    cfg = FitConfig(epochs=ft.epochs if ft.epochs is not None else 10**9, max_steps=ft.steps, lr=ft.lr,
+                    batch_size=ft.batch_size, patience=ft.patience if has_val else None, seed=ft.seed,
+                    trainable=ft.trainable, validate_on_stop=True)
+    steps_per_epoch, total = plan_steps(cfg, batches)
+    every = max(1, min(steps_per_epoch, math.ceil(min(total, FinetuneConfig.steps) / 20)))
+    cfg.val_every = every if has_val else steps_per_epoch
+    return cfg, total
+
+
+def run_record(ft: FinetuneConfig, base_folder: Path, base_config: dict[str, Any], train_frames: list[Frame],
+               val_frames: list[Frame], val_given: bool, fit_res: Any, kept_base: bool, device: Any,
+               dice_on: str, dice_before: float, dice_after: float) -> dict[str, Any]:
+    """What the saved model's config (``finetune``) and card keep of the run."""
+    per_source: dict[str, list[int]] = {}
+    for f in train_frames + val_frames:
+        per_source.setdefault(f.source, []).append(f.index)
+    return {
+        "base_model": base_folder.name,
+        "base_folder": str(base_folder),
+        "base_weights_sha256": (base_config.get("weights") or {}).get("sha256"),
+        "data": [{"name": k, "frames": _frames_text(sorted(v))} for k, v in per_source.items()],
+        "n_train": len(train_frames),
+        "n_val": len(val_frames),
+        "val_frames": [f"{f.source}[{f.index}]" for f in val_frames],
+        "val_split": "given" if val_given else ft.val_split,
+        "steps": fit_res.steps,
+        "stopped_by": ("time budget" if fit_res.cancelled else "no better held-out Dice (patience)"
+                       if fit_res.stopped_early else "steps"),
+        "kept": "base weights (no step beat them on the held-out frames)" if kept_base else "best step",
+        "time_budget_s": ft.time_budget_s,
+        "patience": ft.patience,
+        "base_weight": ft.base_weight,
+        "best_step": 0 if kept_base else fit_res.best_step,
+        "lr": ft.lr,
+        "batch_size": ft.batch_size,
+        "trainable": ft.trainable,
+        "augment": ft.augment,
+        "freeze_bn": ft.freeze_bn,
+        "device": str(device),
+        "seconds": round(fit_res.seconds, 2),
+        "dice_on": dice_on,
+        "dice_before": dice_before,
+        "dice_after": dice_after,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def finetune(
     model: str | os.PathLike,
     data: Any,
@@ -468,7 +541,7 @@ def finetune(
     from .devices import pick_device
     from .events import Progress
     from .events import status as status_report
-    from .train_loop import FitConfig, evaluate_dice, fit, plan_steps
+    from .train_loop import evaluate_dice, fit
     from .zoo import resolve_model
 
     t_start = time.perf_counter()
@@ -477,29 +550,14 @@ def finetune(
             on_progress(status_report(message))
 
     ft = (config or FinetuneConfig()).with_settings(**settings).check()
-    steps, epochs, time_budget_s, patience = ft.steps, ft.epochs, ft.time_budget_s, ft.patience
-    base_weight, lr, batch_size, trainable, seed = ft.base_weight, ft.lr, ft.batch_size, ft.trainable, ft.seed
-    augment, freeze_bn, val_fraction, val_split = ft.augment, ft.freeze_bn, ft.val_fraction, ft.val_split
+    time_budget_s, base_weight, batch_size = ft.time_budget_s, ft.base_weight, ft.batch_size
     output = Path(output).expanduser()
     _check_output(output, overwrite)
     base_folder = resolve_model(model).resolve()
     dev = pick_device(device)
 
     status("reading the labelled frames")
-    items = _as_items(data)
-    if not items:
-        raise FinetuneError("no training data given")
-    frames = [f for it in items for f in labelled_frames(it)]
-    if not frames:
-        raise FinetuneError("none of the given images has a labelled frame (labels are empty everywhere); "
-                            "paint the objects, or mark the checked frames")
-    val_items = _as_items(val_data)
-    if val_items:
-        train_frames, val_frames = frames, [f for it in val_items for f in labelled_frames(it)]
-        if not val_frames:
-            raise FinetuneError("the validation data has no labelled frame")
-    else:
-        train_frames, val_frames = split_frames(frames, val_fraction, seed, val_split)
+    train_frames, val_frames, val_given = gather_frames(data, val_data, ft)
 
     net, config = load_checkpoint(base_folder, device="cpu")  # a private copy: never the inference cache's
     prep = dict(config.get("preprocessing") or {})
@@ -508,8 +566,8 @@ def finetune(
     native = prep.get("mode") == "tiles"  # the model sees images at their own pixel size
     train_set = frames_dataset(train_frames, prep, native=native)
     val_set = frames_dataset(val_frames, prep, native=native) if val_frames else None
-    train_data, val_set, measure_set = training_data(
-        train_set, val_set, prep, batch_size, augment_config(augment, ft.augment_intensity, ft.augment_gamma), seed)
+    augment = augment_config(ft.augment, ft.augment_intensity, ft.augment_gamma)
+    train_data, val_set, measure_set = training_data(train_set, val_set, prep, batch_size, augment, ft.seed)
     dice_on = "validation" if val_set is not None else "training"
 
     if should_stop is not None and should_stop():
@@ -523,13 +581,7 @@ def finetune(
         dice_before = evaluate_dice(net, measure_set, eval_bs, dev)
         t_eval = time.perf_counter() - t_eval
 
-        # fit's own schedule (plan_steps), so that the first report announces the steps fit runs
-        cfg = FitConfig(epochs=epochs if epochs is not None else 10**9, max_steps=steps, lr=lr,
-                        batch_size=batch_size, patience=patience if val_set is not None else None,
-                        seed=seed, trainable=trainable, validate_on_stop=True)
-        steps_per_epoch, total = plan_steps(cfg, train_data)
-        val_every = max(1, min(steps_per_epoch, math.ceil(min(total, FinetuneConfig.steps) / 20)))
-        cfg.val_every = val_every if val_set is not None else steps_per_epoch
+        cfg, total = fit_config(ft, train_data, val_set is not None)
         if on_progress is not None:
             on_progress(Progress("val", 0, total, 0, val_dice=dice_before, best_val_dice=dice_before))
 
@@ -552,7 +604,7 @@ def finetune(
         base_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         from contextlib import nullcontext
 
-        with net.freeze_norm_stats() if freeze_bn else nullcontext():  # keeps the base model's BN statistics
+        with net.freeze_norm_stats() if ft.freeze_bn else nullcontext():  # keeps the base model's BN statistics
             fit_res = fit(net, train_data, val_set, cfg, device=dev,
                           on_progress=on_progress, should_stop=stop)
         if fit_res.cancelled and user_stopped["flag"]:
@@ -571,38 +623,8 @@ def finetune(
             net.load_state_dict(base_state)
             dice_after, kept_base = dice_before, True
 
-        per_source: dict[str, list[int]] = {}
-        for f in train_frames + val_frames:
-            per_source.setdefault(f.source, []).append(f.index)
-        info = {
-            "base_model": base_folder.name,
-            "base_folder": str(base_folder),
-            "base_weights_sha256": (config.get("weights") or {}).get("sha256"),
-            "data": [{"name": k, "frames": _frames_text(sorted(v))} for k, v in per_source.items()],
-            "n_train": len(train_frames),
-            "n_val": len(val_frames),
-            "val_frames": [f"{f.source}[{f.index}]" for f in val_frames],
-            "val_split": "given" if val_items else val_split,
-            "steps": fit_res.steps,
-            "stopped_by": ("time budget" if fit_res.cancelled else "no better held-out Dice (patience)"
-                           if fit_res.stopped_early else "steps"),
-            "kept": "base weights (no step beat them on the held-out frames)" if kept_base else "best step",
-            "time_budget_s": time_budget_s,
-            "patience": patience,
-            "base_weight": base_weight,
-            "best_step": 0 if kept_base else fit_res.best_step,
-            "lr": lr,
-            "batch_size": batch_size,
-            "trainable": trainable,
-            "augment": augment,
-            "freeze_bn": freeze_bn,
-            "device": str(dev),
-            "seconds": round(fit_res.seconds, 2),
-            "dice_on": dice_on,
-            "dice_before": dice_before,
-            "dice_after": dice_after,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        info = run_record(ft, base_folder, config, train_frames, val_frames, val_given, fit_res, kept_base,
+                          dev, dice_on, dice_before, dice_after)
         status(f"saving to {output}")
         name = name or output.name
         card = model_card(name, base_folder.name, info, config.get("task"))
