@@ -80,6 +80,9 @@ def save_checkpoint(
             v = v.half()
         state[k] = v.contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}-", suffix=".tmp", dir=folder.parent))
+    from .io import default_mode
+
+    os.chmod(tmp, default_mode(folder=True))  # not mkdtemp's private 0700 once renamed into place
     try:
         save_file(state, str(tmp / WEIGHTS))
         config = {
@@ -97,6 +100,7 @@ def save_checkpoint(
         if card is not None:
             (tmp / "README.md").write_text(card)
         for f in tmp.iterdir():  # make the data durable before the swap
+            os.chmod(f, default_mode())  # safetensors writes its file private (0600)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = None

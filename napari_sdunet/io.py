@@ -272,6 +272,17 @@ def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def default_mode(folder: bool = False) -> int:
+    """The permissions a plain ``open()`` / ``mkdir()`` would give under the process umask.
+
+    ``tempfile`` makes private (0600 / 0700) temporaries; a file renamed into place keeps them, so a
+    saved model or mask would be unreadable to the user's other accounts and to shared installs.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same extension); rename it into place on success.
@@ -288,6 +299,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                                dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, default_mode())
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:

@@ -100,3 +100,23 @@ def test_saving_a_model_tells_the_zoo_listeners(tmp_path):
     assert heard == [folder]
     save_checkpoint(create_model("unet", "nuclei", base_filters=4, depth=2), tmp_path / "n", task="nuclei")
     assert heard == [folder]  # unsubscribed
+
+
+def test_saved_models_are_readable_like_any_new_file(tmp_path):
+    """Temporaries are private (0700/0600); once renamed into place a model has the umask's modes."""
+    import os
+    import stat
+
+    from napari_sdunet.io import atomic_path, default_mode
+
+    old = os.umask(0o022)
+    try:
+        folder = save_checkpoint(create_model("unet", "nuclei", base_filters=4, depth=2), tmp_path / "m", task="nuclei")
+        with atomic_path(tmp_path / "mask.png") as tmp:
+            tmp.write_bytes(b"x")
+        assert default_mode(folder=True) == 0o755 and default_mode() == 0o644
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "mask.png").stat().st_mode) == 0o644
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in folder.iterdir())
