@@ -501,6 +501,8 @@ def status_rows(camp: Campaign) -> list[dict[str, Any]]:
         if (rd / "state" / "state.json").is_file():
             meta = json.loads((rd / "state" / "state.json").read_text())
         shipped = shipped_campaign_record(entry) if not meta else None
+        if not info and shipped:  # finished on another machine: what its shipped record says
+            info = {k: shipped[k] for k in ("precision", "host", "threads") if k in shipped}
         step = int(meta.get("step", (shipped or {}).get("step", 0)))
         spe = int(info.get("steps_per_epoch") or 0)
         cpu_h = float(meta.get("cpu_seconds", 0.0)) / 3600 if meta else float((shipped or {}).get("cpu_hours", 0))
