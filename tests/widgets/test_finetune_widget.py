@@ -187,8 +187,8 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, er
     w = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(w, name="Fine-tune", area="right")
     shipped = [n for n in list_pretrained() if n.endswith("-polyps")]
-    if shipped:
-        w.models.combo.value = shipped[0]
+    if shipped:  # the preselected model (the best-validating shipped polyp model), as a user gets it
+        assert w.models.model in shipped and not w.models.manual
     else:
         w.models.add_folder(make_checkpoint(tmp_path / "unet-polyps", task="polyps", base_filters=4))
     target = os.environ.get("NAPARI_SDUNET_SCREENSHOT")
