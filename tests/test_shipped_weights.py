@@ -16,7 +16,9 @@ def test_every_task_ships_an_sd_model_with_a_card():
     for task in ("nuclei", "polyps", "liver"):
         assert f"sdunet-{task}" in names
     total = sum(f.stat().st_size for f in PACKAGE_WEIGHTS.rglob("*") if f.is_file())
-    assert total < 120 * 2**20
+    # all twelve networks in fp16 are 174 MiB of weights (sum of 2 bytes x parameters), plus cards
+    # and learning curves: a stray fp32 copy or a forgotten state file would exceed this
+    assert total < 190 * 2**20
     for name in names:
         card = (PACKAGE_WEIGHTS / name / "README.md").read_text()
         assert "## Data" in card and "## Test metrics" in card and "command:" in card
