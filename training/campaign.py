@@ -432,7 +432,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     log(rd, f"training {entry.arch} on {r.task} (recipe {r.name}): step {start_step} of {entry.steps}, "
             f"{train.steps_per_epoch} steps/epoch, batch {r.batch_size}, patch {train.patch}")
     res = fit(model, train, val, cfg, device="cpu", on_progress=on_progress, should_stop=should_stop,
-              state_dir=state, state_every=10**9, start_step=start["step"],
+              state_dir=state, state_every=None, start_step=start["step"],
               start_cpu_seconds=start["cpu_seconds"], start_best_dice=start["best_dice"])
     finished = not res.cancelled or (budget_s is not None and res.cpu_seconds > budget_s)
     record = dict(info, step=res.steps, best_val_dice=res.best_val_dice, best_step=res.best_step,
