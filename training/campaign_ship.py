@@ -192,7 +192,7 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         *_metric_lines(r.task, tests), "",
         "## Provenance",
         f"- command: `python -m training campaign run training/campaign.toml --only {entry.name}`, then "
-        f"`python -m training campaign ship training/campaign.toml {entry.name}`",
+        f"`python -m training campaign ship training/campaign.toml {entry.name}{' --partial' if partial else ''}`",
         f"- test metrics again: `python -m training evaluate {entry.name}`",
     ]
     return "\n".join(lines) + "\n"
