@@ -93,11 +93,14 @@ class SegDataset(torch.utils.data.Dataset):
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[np.ndarray, np.ndarray]], prep: dict[str, Any],
                    ids: Sequence[str] | None = None, groups: Sequence[str] | None = None,
-                   channel_axis: bool | None = None) -> SegDataset:
-        """(image, mask) arrays through :func:`prepare_pair`; stacked when they end up one size."""
+                   channel_axis: bool | Sequence[bool] | None = None) -> SegDataset:
+        """(image, mask) arrays through :func:`prepare_pair`; stacked when they end up one size.
+
+        ``channel_axis``: one flag for all images, or one per image (None: 3-D arrays are colour)."""
+        flags = list(channel_axis) if isinstance(channel_axis, Sequence) else [channel_axis] * len(pairs)
         xs, ms = [], []
-        for image, mask in pairs:
-            x, m = prepare_pair(image, mask, prep, channel_axis)
+        for (image, mask), has_c in zip(pairs, flags, strict=True):
+            x, m = prepare_pair(image, mask, prep, has_c)
             xs.append(x)
             ms.append(m)
         if xs and len({tuple(x.shape) for x in xs}) == 1:

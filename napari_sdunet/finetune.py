@@ -136,18 +136,13 @@ def frames_dataset(frames: Sequence[Frame], prep: dict[str, Any], native: bool =
     ``native``: keep each frame at its own pixel size (for models that infer in tiles at native
     resolution) instead of resizing it to the model's input size.
     """
-    import torch
-
-    from .batches import SegDataset, prepare_pair
+    from .batches import SegDataset
 
     if native:
         prep = dict(prep, input_size=None)
-    pairs = [prepare_pair(f.image, f.mask, prep, channel_axis=f.has_c) for f in frames]
-    xs, ms = [x for x, _ in pairs], [m for _, m in pairs]
-    ids = [f"{f.source}[{f.index}]" for f in frames]
-    if xs and len({tuple(x.shape) for x in xs}) == 1:
-        return SegDataset(torch.stack(xs), torch.stack(ms), ids)
-    return SegDataset(xs, ms, ids)
+    return SegDataset.from_pairs([(f.image, f.mask) for f in frames], prep,
+                                 ids=[f"{f.source}[{f.index}]" for f in frames],
+                                 channel_axis=[f.has_c for f in frames])
 
 
 #: side of the central square on which native-resolution models are scored while fine-tuning
