@@ -228,3 +228,33 @@ def test_pooled_buffers_from_inference_mode_are_not_reused_for_training():
         y = sweep(sweep(xr, *params, 0, impl=impl), *params, 2, impl=impl)
         grads = torch.autograd.grad(y.square().sum(), [xr, *params])
         assert all(not g.is_inference() and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("direction", [0, 1, 2, 3])
+@pytest.mark.parametrize("hw", [(9, 12), (12, 9), (10, 10)])
+def test_fast_bf16_on_bf16_lines_equals_the_fp32_input_path_rounded(direction, hw):
+    # under autocast the lines arrive in bf16: the kernels then read them directly and return the bf16
+    # state (no fp32 copies); the values must be those of the fp32-input path rounded once, bit for bit
+    if sweep_cpp.ops() is None or not sweep_cpp.simd():
+        pytest.skip("the C++ kernels are not built on this machine")
+    x, params = _setup(32, hw, B=2, dtype=torch.float32)
+    xb = torch.tanh(x.detach()).bfloat16()
+    g = torch.randn(2, 32, *hw).bfloat16()
+    p32 = [p.detach().requires_grad_() for p in params]
+    xb_in = xb.clone().requires_grad_()
+    got = sweep(xb_in, *p32, direction, impl="fast_bf16")
+    assert got.dtype == torch.bfloat16
+    gb = torch.autograd.grad((got.float() * g.float()).sum(), [xb_in, *p32])
+    q32 = [p.detach().requires_grad_() for p in params]
+    x32 = xb.float().requires_grad_()
+    want = sweep(x32, *q32, direction, impl="fast_bf16")
+    gw = torch.autograd.grad((want * g.float()).sum(), [x32, *q32])
+    torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+    assert gb[0].dtype == torch.bfloat16
+    torch.testing.assert_close(gb[0], gw[0].bfloat16(), rtol=0, atol=0)
+    for a, b in zip(gb[1:], gw[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # and the inference path gives the same values
+        torch.testing.assert_close(sweep(xb, *params, direction, impl="fast_bf16"), got, rtol=0, atol=0)
+    ref = sweep_reference(xb.double(), *[p.detach().double() for p in params], direction)
+    assert _rel(got, ref) < 1e-2

@@ -129,6 +129,7 @@ struct ScalarD {
   static void store(double* p, v x, int) { *p = x; }
   static void store(bf16* p, v x, int) { *p = bf16(static_cast<float>(x)); }
   static v set1(double x) { return x; }
+  static v rcp(v x) { return 1 / x; }
   static v exp(v x) { return std::exp(x); }
   static v tanh(v x) { return std::tanh(x); }
 };
@@ -141,6 +142,7 @@ struct ScalarF {
   static void store(float* p, v x, int) { *p = x; }
   static void store(bf16* p, v x, int) { *p = bf16(x); }
   static v set1(float x) { return x; }
+  static v rcp(v x) { return 1 / x; }
   static v exp(v x) { return std::exp(x); }
   static v tanh(v x) { return std::tanh(x); }
 };
@@ -163,6 +165,11 @@ struct Avx512 {
     _mm256_mask_storeu_epi16(p, mask(n), _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
   }
   static v set1(float x) { return _mm512_set1_ps(x); }
+  // 1 / x: the 14-bit estimate and one Newton step (~1 ulp), 4 cheap ops instead of a 16-cycle divide
+  static v rcp(v x) {
+    v r = _mm512_rcp14_ps(x);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, set1(2.0f)));
+  }
   // exp: 2^k * e^r with |r| <= ln2/2, degree-7 Taylor polynomial (relative error ~1e-7)
   static v exp(v x) {
     x = _mm512_max_ps(_mm512_min_ps(x, set1(88.0f)), set1(-88.0f));
@@ -183,7 +190,7 @@ struct Avx512 {
   static v tanh(v x) {
     v a = _mm512_abs_ps(x);
     v e = exp(_mm512_mul_ps(a, set1(-2.0f)));
-    v big = _mm512_div_ps(_mm512_sub_ps(set1(1.0f), e), _mm512_add_ps(set1(1.0f), e));
+    v big = _mm512_mul_ps(_mm512_sub_ps(set1(1.0f), e), rcp(_mm512_add_ps(set1(1.0f), e)));
     v a2 = _mm512_mul_ps(a, a);
     v s = set1(62.0f / 2835);
     s = _mm512_fmadd_ps(s, a2, set1(-17.0f / 315));
@@ -204,16 +211,16 @@ using FloatPolicy = ScalarF;
 
 template <class P>
 inline typename P::v sigmoid(typename P::v x) {
-  typename P::v one = P::set1(1);
-  return one / (one + P::exp(P::set1(0) - x));
+  return P::rcp(P::set1(1) + P::exp(P::set1(0) - x));
 }
 
 // ---- per-row kernels (a row = one cell's S features, for all gates)
 
 // Forward gates of one cell. a, c: GEMM results (no bias); writes the new state s (and its bf16 copy)
 // and, if sv, the 5 backward factors [z, r, 1 - n^2, (n - h) z (1 - z), c_n r (1 - r)].
-template <class P, class G, class T>
-inline void fwd_row(int S, const G* a, const G* c, const T* bin, const T* bh, const T* h, T* out, bf16* out_lp,
+// h: the cell's input (T, or bf16 where the caller's lines are bf16); out may be null (bf16 output only).
+template <class P, class G, class T, class H>
+inline void fwd_row(int S, const G* a, const G* c, const T* bin, const T* bh, const H* h, T* out, bf16* out_lp,
                     G* sv) {
   using V = typename P::v;
   const V one = P::set1(1);
@@ -228,7 +235,7 @@ inline void fwd_row(int S, const G* a, const G* c, const T* bin, const T* bh, co
     V hv = P::load(h + j, n);
     V d = nn - hv;
     V s = hv + z * d;
-    P::store(out + j, s, n);
+    if (out) P::store(out + j, s, n);
     if (out_lp) P::store(out_lp + j, s, n);
     if (sv) {
       P::store(sv + j, z, n);
@@ -303,30 +310,41 @@ at::ScalarType gtype() {
 
 // ---- forward
 
-template <class P, class G, class T>
+// x: the lines (T, B, L, S), of type H. H = T: the usual case, output in T (fp32 / fp64), with a bf16 copy
+// of the state in lp mode. H = bf16 (lp mode, the caller's lines are bf16, as under autocast): the
+// lines are also the GEMM operand x_g, and the bf16 state is the output, so no fp32 copy of the input
+// or of the output is made at all (values as before: the fp32 state rounded once, to nearest even).
+template <class P, class G, class T, class H>
 std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g, const at::Tensor& w_in,
                                      const at::Tensor& b_in, const at::Tensor& w_h, const at::Tensor& b_h,
                                      bool keep, bool dnnl) {
   const int64_t Tn = x.size(0), B = x.size(1), L = x.size(2), S = x.size(3), M = B * L, S3 = 3 * S;
   const bool lp = !std::is_same_v<G, T>;
-  auto fo = x.options();
+  constexpr bool lp_out = std::is_same_v<H, bf16>;  // the bf16 state is the output
+  auto fo = x.options().dtype(gtype<T>());
   auto go = fo.dtype(gtype<G>());
-  at::Tensor out = pooled_empty({Tn, B, L + 2, S}, fo);
-  out.select(2, 0).zero_();
-  out.select(2, L + 1).zero_();
-  out.select(0, 0).narrow(1, 1, L).copy_(x.select(0, 0));
-  // bf16 copy of the padded state, read by the next step's tap GEMM (all steps kept for backward)
+  at::Tensor out;
+  if (!lp_out) {
+    out = pooled_empty({Tn, B, L + 2, S}, fo);
+    out.select(2, 0).zero_();
+    out.select(2, L + 1).zero_();
+    out.select(0, 0).narrow(1, 1, L).copy_(x.select(0, 0));
+  }
+  // bf16 copy of the padded state, read by the next step's tap GEMM (all steps kept for backward, or
+  // when it is the output; else a ring of 2 lines)
+  const bool ring = lp && !keep && !lp_out;
   at::Tensor out_lp;
   if (lp) {
-    out_lp = pooled_empty({keep ? Tn : 2, B, L + 2, S}, go);
+    out_lp = pooled_empty({ring ? 2 : Tn, B, L + 2, S}, go);
     out_lp.select(2, 0).zero_();
     out_lp.select(2, L + 1).zero_();
     out_lp.select(0, 0).narrow(1, 1, L).copy_(x.select(0, 0));
   }
+  at::Tensor res = lp_out ? out_lp : out;
   // in bf16 mode the factors are kept in bf16 too: they are read once, by backward, which is already
   // bf16-accurate; this halves the memory traffic that bounds the gate passes at 96x96
   at::Tensor saved = keep ? pooled_empty({std::max<int64_t>(Tn - 1, 0), M, 5 * S}, go) : at::Tensor();
-  if (Tn == 1) return {out, lp ? out_lp : out, keep ? saved : out};
+  if (Tn == 1) return {res, lp ? out_lp : out, keep ? saved : res};
   const at::Tensor w_in_t = w_in.to(gtype<G>()).t().contiguous();
   const at::Tensor w_h_t = w_h.to(gtype<G>()).t().contiguous();
   at::Tensor u = at::empty({M, S3}, go), a = at::empty({M, S3}, go), c = at::empty({M, S3}, go);
@@ -335,7 +353,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g,
   const G* gbase = lp ? out_lp.data_ptr<G>() : reinterpret_cast<const G*>(out.data_ptr<T>());
   const int64_t line_pad = B * (L + 2) * S;
   for (int64_t t = 1; t < Tn; ++t) {
-    const int64_t src = lp && !keep ? (t - 1) % 2 : t - 1, dst = lp && !keep ? t % 2 : t;
+    const int64_t src = ring ? (t - 1) % 2 : t - 1, dst = ring ? t % 2 : t;
     copy_taps<G>(gbase + src * line_pad, u.data_ptr<G>(), B, L, S);
     if (dnnl) {  // results are fresh tensors (oneDNN has no out=); same-size frees are reused by malloc
       c = linear_dnnl(x_g.select(0, t).view({M, S}), w_h);
@@ -346,19 +364,19 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g,
     }
     const G* ap = a.data_ptr<G>();
     const G* cp = c.data_ptr<G>();
-    const T* hp = x.data_ptr<T>() + t * M * S;
-    T* op = out.data_ptr<T>() + t * line_pad;
+    const H* hp = x.data_ptr<H>() + t * M * S;
+    T* op = lp_out ? nullptr : out.data_ptr<T>() + t * line_pad;
     bf16* olp = lp ? reinterpret_cast<bf16*>(out_lp.data_ptr<G>()) + dst * line_pad : nullptr;
     G* svp = keep ? saved.data_ptr<G>() + (t - 1) * M * 5 * S : nullptr;
     at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t m = lo; m < hi; ++m) {
         const int64_t b = m / L, i = m % L, o = (b * (L + 2) + i + 1) * S;
-        fwd_row<P, G, T>(S, ap + m * S3, cp + m * S3, bin, bh, hp + m * S, op + o, olp ? olp + o : nullptr,
-                         svp ? svp + m * 5 * S : nullptr);
+        fwd_row<P, G, T, H>(S, ap + m * S3, cp + m * S3, bin, bh, hp + m * S, op ? op + o : nullptr,
+                            olp ? olp + o : nullptr, svp ? svp + m * 5 * S : nullptr);
       }
     });
   }
-  return {out, lp ? out_lp : out, keep ? saved : out};
+  return {res, lp ? out_lp : out, keep ? saved : res};
 }
 
 // ---- backward
@@ -453,14 +471,19 @@ std::vector<at::Tensor> sweep_forward(const at::Tensor& x, const at::Tensor& x_l
   TORCH_CHECK(b_in.is_contiguous() && b_h.is_contiguous(), "sweep: biases must be contiguous");
   if (x.scalar_type() == at::kDouble) {
     TORCH_CHECK(!lp, "sweep: bf16 operands need float32 state");
-    return forward_impl<ScalarD, double, double>(x, x, w_in, b_in, w_h, b_h, keep, false);
+    return forward_impl<ScalarD, double, double, double>(x, x, w_in, b_in, w_h, b_h, keep, false);
   }
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "sweep: float32 or float64 state");
+  if (x.scalar_type() == at::kBFloat16) {  // bf16 lines: they are the GEMM operand, the output is bf16
+    TORCH_CHECK(lp, "sweep: bf16 lines need bf16 operands (lp)");
+    TORCH_CHECK(b_in.scalar_type() == at::kFloat && b_h.scalar_type() == at::kFloat, "sweep: float32 biases");
+    return forward_impl<FloatPolicy, bf16, float, bf16>(x, x, w_in, b_in, w_h, b_h, keep, false);
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "sweep: float32, float64 or bfloat16 lines");
   if (lp) {
     TORCH_CHECK(x_lp.scalar_type() == at::kBFloat16 && x_lp.is_contiguous(), "sweep: x_lp must be contiguous bf16");
-    return forward_impl<FloatPolicy, bf16, float>(x, x_lp, w_in, b_in, w_h, b_h, keep, false);
+    return forward_impl<FloatPolicy, bf16, float, float>(x, x_lp, w_in, b_in, w_h, b_h, keep, false);
   }
-  return forward_impl<FloatPolicy, float, float>(x, x, w_in, b_in, w_h, b_h, keep, dnnl);
+  return forward_impl<FloatPolicy, float, float, float>(x, x, w_in, b_in, w_h, b_h, keep, dnnl);
 }
 
 std::vector<at::Tensor> sweep_backward(const at::Tensor& grad, const at::Tensor& x_g, const at::Tensor& out_g,

@@ -183,10 +183,11 @@ class FastSweep(torch.autograd.Function):
     def forward(ctx, lines, w_in, b_in, w_h, b_h, lp, cpp, x_lp=None):  # noqa: D102
         with _no_autocast(lines):
             x = lines.contiguous()
-            ctx.lp, ctx.cpp = lp, cpp
+            ctx.lp, ctx.cpp, ctx.in_dtype = lp, cpp, x.dtype
             if cpp:
-                # the bf16 GEMM copy of the input: the caller's own bf16 tensor under autocast
-                x_g = (x_lp if x_lp is not None else cpp.pooled_copy(x, lp)) if lp else x
+                # the bf16 GEMM copy of the input: the caller's own bf16 tensor under autocast (then
+                # x is bf16 itself, and so is the output: no fp32 copy of either)
+                x_g = x if x.dtype == lp else (x_lp if x_lp is not None else cpp.pooled_copy(x, lp)) if lp else x
                 ctx.dnnl = lp is None and x.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
                 out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None, ctx.dnnl)
                 # backward reads only the GEMM-dtype copies of input and state (bf16 with lp)
@@ -208,6 +209,8 @@ class FastSweep(torch.autograd.Function):
                 g = grad if grad.is_contiguous() and grad.dtype == w_in.dtype else ctx.cpp.pooled_copy(grad, w_in.dtype)
                 grads = ctx.cpp.backward(g, x_g, out_g, saved, w_in, w_h, need[1], need[3], ctx.dnnl)
                 grads = [d if n else None for d, n in zip(grads, need)]
+                if grads[0] is not None:
+                    grads[0] = grads[0].to(ctx.in_dtype)
             else:
                 x, w_in, w_h, out, gates, prior = ctx.saved_tensors
                 grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
@@ -250,22 +253,23 @@ def _apply(lines, w_in, b_in, w_h, b_h, lp, use_cpp=True):
         lp = None  # bf16 operands with a float64 state make no sense: stay exact
     w_in, b_in, w_h, b_h = (w.to(dtype).contiguous() for w in (w_in, b_in, w_h, b_h))
     cpp = _cpp_ops(lines, use_cpp)
-    if cpp is not None and not (lines.is_contiguous() and lines.dtype == dtype):
+    # bf16 lines with bf16 operands (CPU autocast): the kernels read them as they are and return the
+    # bf16 state, so neither an fp32 copy of the input nor one of the output is made
+    bf16_lines = cpp is not None and lp is not None and lines.dtype == lp
+    if bf16_lines:
+        x = lines if lines.is_contiguous() else _PooledCopy.apply(lines, lp, cpp)
+    elif cpp is not None and not (lines.is_contiguous() and lines.dtype == dtype):
         # one pass: permute to lines-major, convert, into a recycled buffer (no page faults)
         x = _PooledCopy.apply(lines, dtype, cpp)
     else:
         x = lines.to(dtype).contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_h, b_h)):
-        x_lp = lines.detach() if lp is not None and lines.dtype == lp and lines.is_contiguous() else None
-        if lp is not None and cpp is not None and x_lp is None and lines.dtype == lp:
-            x_lp = cpp.pooled_copy(lines.detach(), lp)
-        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp, x_lp)
+        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp, None)
     else:
         with _no_autocast(x):
             xc = x.contiguous()
             if cpp:
-                x_g = (cpp.pooled_copy(lines, lp) if lines.dtype != lp or not lines.is_contiguous()
-                       else lines) if lp else xc
+                x_g = (xc if bf16_lines else cpp.pooled_copy(xc, lp)) if lp else xc
                 dnnl = lp is None and xc.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
                 out = cpp.forward(xc, x_g, w_in, b_in, w_h, b_h, False, lp is not None, dnnl)[0]
             else:

@@ -76,6 +76,7 @@ class SDN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = torch.tanh(self.project_in(x))
+        channels_last = s.dim() == 4 and not s.is_contiguous() and s.is_contiguous(memory_format=torch.channels_last)
         for direction, cell in zip(self.directions, self.cells):
             s = sweep(
                 s,
@@ -86,6 +87,10 @@ class SDN(nn.Module):
                 direction,
                 impl=self.impl,
             )
+        if channels_last:
+            # the last sweep's lines-major layout seen as NCHW has no memory format: the 1x1 conv
+            # would make it NCHW-contiguous (a transposing copy); this one is a copy of whole rows
+            s = s.contiguous(memory_format=torch.channels_last)
         return self.project_out(s)
 
 
