@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from napari_sdunet.inference import effective_preprocessing, load_model, predict  # noqa: E402
 
 #: model -> kind of input it gets
-MODELS = {"sdunet-nuclei": "image", "sdnunet-nuclei": "image", "sdunet-polyps": "image", "sdunet-liver": "volume"}
+MODELS = {"sdunet-nuclei": "image", "sdnunet-nuclei": "image", "sdunet-polyps": "image", "sdnunet-polyps": "image",
+          "sdunet-liver": "volume", "sdnunet-liver": "volume"}
 
 
 def synthetic(kind: str, image: int, volume: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, str]:
@@ -56,34 +57,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", action="store_true",
                     help="force native-resolution tiled inference (preprocessing mode 'tiles', tiles of the "
                          "training input size) for the image models, whatever their config says")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"],
+                    help="Segment's precision setting(s), timed side by side (auto: bf16 autocast where it pays)")
     a = ap.parse_args(argv)
+    from napari_sdunet.devices import pick_precision
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} thread(s), best of {a.repeats}")
     print()
-    print("| model | input | mode | seconds | per frame (s) |")
-    print("|---|---|---|---:|---:|")
-    for name in a.models:
-        loaded = load_model(name, device="cpu")
+    print("| model | input | mode | precision | seconds | per frame (s) | vs fp32 |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for name in [m for m in a.models if m in MODELS]:
+        try:
+            loaded = load_model(name, device="cpu")
+        except Exception as err:  # a model not shipped in this checkout
+            print(f"| {name} | not available: {err} | | | | | |")
+            continue
         kind = MODELS[name]
         if a.tiles and kind == "image":  # a modified copy: the cached model keeps its own config
             loaded = dataclasses.replace(loaded, config=dict(
                 loaded.config, preprocessing=dict(loaded.preprocessing, mode="tiles")))
         data, axes = synthetic(kind, a.image, tuple(a.volume))
         small, _ = synthetic(kind, 64, (64, 64, 2))
-        predict(loaded, small, axes)  # warm-up: C++ kernels built, weights loaded
         prep = effective_preprocessing(loaded.config)
         mode = prep.get("mode") or "resize"
         if mode == "resize" and prep.get("input_size"):
             mode += f" to {prep['input_size'][0]}x{prep['input_size'][1]}"
-        best = float("inf")
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            prob = predict(loaded, data, axes)
-            best = min(best, time.perf_counter() - t0)
-        assert prob.shape == data.shape[:3 if kind == "volume" else 2]
         frames = data.shape[0] if kind == "volume" else 1
         shape = "x".join(str(s) for s in data.shape)
-        print(f"| {name} | {shape} {data.dtype} ({axes}) | {mode} | {best:.2f} | {best / frames:.3f} |", flush=True)
+        first = None
+        for precision in a.precisions:
+            predict(loaded, small, axes, precision=precision)  # warm-up: C++ kernels built, weights loaded
+            best = float("inf")
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                prob = predict(loaded, data, axes, precision=precision)
+                best = min(best, time.perf_counter() - t0)
+            assert prob.shape == data.shape[:3 if kind == "volume" else 2]
+            first = first or best
+            dt = pick_precision(precision, loaded.device)
+            label = f"{precision} ({'bf16' if dt is not None else 'fp32'})" if precision == "auto" else precision
+            print(f"| {name} | {shape} {data.dtype} ({axes}) | {mode} | {label} | {best:.2f} | {best / frames:.3f} "
+                  f"| {first / best:.2f}x |", flush=True)
     return 0
 
 

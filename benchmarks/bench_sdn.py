@@ -140,7 +140,11 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
         impls = [i for i in args.impls if i != "naive" or size < args.naive_below]
         for impl in impls:
             for backward in (False, True):
-                def run(impl=impl, backward=backward, x0=x0):
+                # bf16 implementations sweep a bf16 state, as under autocast in the campaign (the
+                # project-in conv and tanh give bf16); --fp32-lines feeds them fp32 instead
+                xin = x0.bfloat16() if precision_of(impl) == "bf16" and not args.fp32_lines else x0
+
+                def run(impl=impl, backward=backward, x0=xin):
                     x = x0.detach().requires_grad_(backward)
                     s = x
                     with torch.set_grad_enabled(backward):
@@ -256,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", nargs="+", default=None,
                     help="sweep implementations (names ending in _bf16 run bf16 GEMM operands; default: "
                          "naive fast_py fast fast_py_bf16 fast_bf16 on CPU)")
+    ap.add_argument("--fp32-lines", action="store_true",
+                    help="feed the bf16 implementations fp32 states (default: bf16, as under autocast)")
     ap.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last",
                     help="memory layout of the swept state (the campaign trains channels_last)")
     ap.add_argument("--naive-below", type=int, default=96, help="time the naive loop only below this size")
@@ -347,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {p} | {n}² | {args.batch * n} | {v['fwd']:.0f} | {v['fwd+bwd']:.0f} | "
               + " | ".join(f"{x:.0f}" for k, x in v.items() if k not in ("fwd", "fwd+bwd")) + " |")
     print()
-    print(f"Sweep, 2 directions, S={args.state}, B={args.batch}, fp32 {args.layout} inputs (best of repeats):")
+    print(f"Sweep, 2 directions, S={args.state}, B={args.batch}, {args.layout} inputs, fp32 "
+          f"({'fp32' if args.fp32_lines else 'bf16'} for the bf16 implementations; best of repeats):")
     print()
     print("| map | impl | GEMM operands | pass | time (s) | GFLOP/s | % of same-shape GEMM | vs naive |")
     print("|---|---|---|---|---:|---:|---:|---:|")

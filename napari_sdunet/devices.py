@@ -38,4 +38,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-__all__ = ["DEVICES", "pick_device"]
+#: Inference precisions offered to the user.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to run inference in on ``device``, or None for plain float32.
+
+    ``auto``: bf16 autocast on a CPU whose bf16 GEMMs measurably beat fp32 (AMX, or AVX512-BF16:
+    3-7x faster here; the same host probe the SDN sweep uses), fp32 elsewhere, GPUs included.
+    ``bf16`` forces it (it runs on any CPU, slowly where emulated); ``fp32`` turns it off. The
+    models train under bf16 autocast, so their predictions hardly change (tests/test_inference.py).
+    """
+    import torch
+
+    name = (name or "auto").lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
+    if name == "fp32" or device.type != "cpu":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    from .models.sdn.cpu import bf16_gemm_pays
+
+    return torch.bfloat16 if bf16_gemm_pays() else None
+
+
+__all__ = ["DEVICES", "PRECISIONS", "pick_device", "pick_precision"]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .axes import check_axes, propose_axes
-from .devices import pick_device
+from .devices import pick_device, pick_precision
 from .errors import InputError
 from .events import Progress
 from .tasks import MODALITIES, WINDOW, intensity_rule, modality_names
@@ -224,18 +224,19 @@ def predict_prepared(model: torch.nn.Module, x: torch.Tensor, prep: dict[str, An
     if prep.get("mode") == "tiles":
         tile = prep.get("tile_size") or prep.get("input_size") or (256, 256)
         multiple = 2 ** int(getattr(model, "depth", 4))
-        probs = [predict_tiled(lambda b: predict_probabilities(model, b, tta), xi, tile,
+        probs = [predict_tiled(lambda b: predict_probabilities(model, _channels_last(b, prep), tta), xi, tile,
                                overlap=int(prep.get("tile_overlap", 32)), multiple=multiple) for xi in x]
         return torch.stack(probs)[:, None]
     size = prep.get("input_size")
-    xin = resize(x, (int(size[0]), int(size[1]))) if size else x
+    xin = _channels_last(resize(x, (int(size[0]), int(size[1]))), prep) if size else x
     prob = predict_probabilities(model, xin, tta)
     return resize(prob, hw) if tuple(prob.shape[-2:]) != hw else prob
 
 
 def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
                  modality: str | None = None, ct_window: Sequence[float] | None = None,
-                 tta: bool = False, scale: float = 1.0) -> Generator[Progress, None, np.ndarray]:
+                 tta: bool = False, scale: float = 1.0, precision: str = "auto",
+                 ) -> Generator[Progress, None, np.ndarray]:
     """Generator: yields a ``"frames"`` :class:`~napari_sdunet.events.Progress` after each batch
     (``step`` frames of ``total_steps`` done) and returns the probabilities.
 
@@ -244,7 +245,11 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
     Models whose preprocessing says ``mode: tiles`` run at the image's own pixel size in overlapping
     tiles (:mod:`napari_sdunet.tiling`); ``scale`` then resizes each frame first (2: objects twice as
     small as in training look as they did there). Other models see frames resized to their input size.
+    ``precision``: "auto" (bf16 autocast on CPUs with fast bf16, see
+    :func:`~napari_sdunet.devices.pick_precision`), "fp32" or "bf16".
     """
+    import contextlib
+
     import torch
 
     from .preprocess import to_image_frame
@@ -260,7 +265,11 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
     n, hw = frames.shape[0], tuple(frames.shape[1:3])
     out = np.empty((n, *hw), dtype=np.float32)
     yield Progress("frames", 0, n)
-    with torch.inference_mode():
+    dtype = pick_precision(precision, loaded.device)
+    reduced = (torch.autocast(loaded.device.type, dtype=dtype) if dtype is not None
+               else contextlib.nullcontext())
+    prep["channels_last"] = dtype is not None
+    with torch.inference_mode(), reduced:
         if prep.get("mode") == "tiles":
             for i in range(n):
                 out[i] = _predict_tiles(loaded, np.asarray(frames[i]), has_c, prep, tta, scale)
@@ -268,7 +277,7 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
         else:
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
-                x = _prepare_batch(frames[start:stop], has_c, prep).to(loaded.device)
+                x = _channels_last(_prepare_batch(frames[start:stop], has_c, prep).to(loaded.device), prep)
                 prob = predict_prepared(loaded.model, x, prep, tta)  # x is at the model's size already
                 out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
                 yield Progress("frames", stop, n)
@@ -284,14 +293,21 @@ def _predict_tiles(loaded: LoadedModel, frame: np.ndarray, has_c: bool, prep: di
     x = to_model_input(frame, dict(prep, input_size=None), channel_axis=has_c)[None]
     if scale != 1.0:
         x = resize(x, (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))))
-    prob = predict_prepared(loaded.model, x.to(loaded.device), prep, tta)[0, 0]
+    prob = predict_prepared(loaded.model, _channels_last(x.to(loaded.device), prep), prep, tta)[0, 0]
     prob = resize(prob[None, None], tuple(hw))[0, 0] if tuple(prob.shape) != tuple(hw) else prob
     return prob.clamp_(0, 1).cpu().numpy()
 
 
+def _channels_last(x: torch.Tensor, prep: dict[str, Any]) -> torch.Tensor:
+    """bf16 convolutions and the SDN sweeps run fastest on NHWC inputs (CPU, oneDNN)."""
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if prep.get("channels_last") else x
+
+
 def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,
             modality: str | None = None, ct_window: Sequence[float] | None = None, tta: bool = False,
-            scale: float = 1.0, on_progress: Callable[[Progress], None] | None = None,
+            scale: float = 1.0, precision: str = "auto", on_progress: Callable[[Progress], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Probabilities for ``data`` (see :func:`iter_predict`), with progress reports and cancel.
 
@@ -301,7 +317,7 @@ def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int
         raise InputError(f"predict needs a model from load_model(...), got {type(loaded).__name__}; "
                          "segment(...) also takes a model name")
     gen = iter_predict(loaded, data, axes, batch_size=batch_size, modality=modality,
-                       ct_window=ct_window, tta=tta, scale=scale)
+                       ct_window=ct_window, tta=tta, scale=scale, precision=precision)
     try:
         while True:
             p = next(gen)

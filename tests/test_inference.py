@@ -154,3 +154,35 @@ def test_segment_with_checkpoint(tmp_path):
     assert mask.shape == (33, 47) and mask.all() and prob.min() > 0.99
     with pytest.raises(ValueError, match="threshold"):
         to_labels(prob, 1.5)
+
+
+def test_precision_choice_and_bf16_predictions_match_fp32(tmp_path, monkeypatch):
+    # "auto" runs bf16 autocast only on a CPU whose bf16 GEMMs pay (the host probe), never on a GPU;
+    # bf16 probabilities stay within bf16 rounding of the fp32 ones and the masks agree
+    import torch
+
+    from napari_sdunet.checkpoint import save_checkpoint
+    from napari_sdunet.devices import pick_precision
+    from napari_sdunet.inference import load_model, predict
+    from napari_sdunet.models import create_model
+    from napari_sdunet.models.sdn.cpu import bf16_gemm_pays
+
+    cpu = torch.device("cpu")
+    assert pick_precision("fp32", cpu) is None
+    assert pick_precision("bf16", cpu) is torch.bfloat16
+    assert pick_precision("auto", cpu) is (torch.bfloat16 if bf16_gemm_pays() else None)
+    assert pick_precision("bf16", torch.device("cuda")) is None
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP_BF16", "0")
+    assert pick_precision("auto", cpu) is None
+    with pytest.raises(ValueError, match="precision"):
+        pick_precision("fp16", cpu)
+    torch.manual_seed(0)
+    model = create_model("sdunet", "nuclei", base_filters=4, sdn_state=8).eval()
+    folder = save_checkpoint(model, tmp_path / "m", task="nuclei")
+    loaded = load_model(folder, "cpu")
+    img = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    p32 = predict(loaded, img, "YXC", precision="fp32")
+    p16 = predict(loaded, img, "YXC", precision="bf16")
+    assert p16.dtype == np.float32 and p16.shape == p32.shape
+    assert 0 < np.abs(p16 - p32).max() < 0.03
+    assert ((p16 > 0.5) == (p32 > 0.5)).mean() > 0.98

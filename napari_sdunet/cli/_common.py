@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..axes import AXES, propose_axes
-from ..devices import DEVICES
+from ..devices import DEVICES, PRECISIONS
 
 T = TypeVar("T")
 
@@ -73,6 +73,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_CT_WINDOW[0]:g} {DEFAULT_CT_WINDOW[1]:g})")
     p.add_argument("--axes", type=str.upper, choices=AXES, default=None,
                    help=f"axes of every input ({', '.join(AXES)}); default: from the file format")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast on CPUs with fast bf16 (AMX, AVX512-BF16), else fp32")
     p.add_argument("--tta", action="store_true", help="average over flips (4x slower)")
     p.add_argument("--scale", type=_scale, default=1.0,
                    help="resize each image by this factor before a native-resolution (tiled) model sees it: "
@@ -109,7 +111,8 @@ def predict_volume(loaded: Any, vol: Any, args: argparse.Namespace, name: str) -
         data, back = reorient(vol.data, vol.affine, model_orientation(loaded))
     try:
         prob = predict(loaded, data, axes, batch_size=args.batch_size, modality=args.modality,
-                       ct_window=args.ct_window, tta=args.tta, scale=getattr(args, "scale", 1.0))
+                       ct_window=args.ct_window, tta=args.tta, scale=getattr(args, "scale", 1.0),
+                       precision=getattr(args, "precision", "auto"))
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
     return back(prob)
