@@ -467,10 +467,36 @@ def test_one_finetune_config_for_the_cli_the_widget_and_the_engine():
     cli_finetune.register(parser.add_subparsers())
     args = parser.parse_args(["finetune", "--model", "m", "--images", "i", "--masks", "k", "-o", "out"])
     d = FinetuneConfig()
-    assert (args.steps, args.time_budget, args.patience, args.lr, args.batch_size, args.val_fraction) == (
-        d.steps, d.time_budget_s, d.patience, d.lr, d.batch_size, d.val_fraction)
+    assert (args.steps, args.time_budget, args.patience, args.lr, args.batch_size, args.val_fraction,
+            args.precision) == (d.steps, d.time_budget_s, d.patience, d.lr, d.batch_size, d.val_fraction,
+                                d.precision)
     assert d.with_settings(steps=5).steps == 5 and d.steps == 400
     with pytest.raises(FinetuneError, match="unknown fine-tuning setting"):
         d.with_settings(stepz=5)
     with pytest.raises(FinetuneError, match="learning rate"):
         FinetuneConfig(lr=0).check()
+
+
+def test_precision_setting_reaches_the_training_loop(tmp_path, base_model):
+    # "auto" trains under bf16 autocast + channels_last only where the CPU's bf16 pays; "bf16" forces
+    # it, "fp32" turns it off; the saved record says which ran, and the saved weights are contiguous
+    import torch
+
+    from napari_sdunet.batches import BatchSource
+    from napari_sdunet.finetune import FinetuneConfig, fit_config
+    from napari_sdunet.models.sdn.cpu import bf16_gemm_pays
+
+    cpu = torch.device("cpu")
+    src = BatchSource(torch.zeros(4, 3, 16, 16), torch.zeros(4, 1, 16, 16), batch_size=2)
+    for precision, want in (("fp32", False), ("bf16", True), ("auto", bf16_gemm_pays())):
+        cfg, _ = fit_config(FinetuneConfig(precision=precision), src, True, cpu)
+        assert cfg.cpu_bf16 is want and cfg.channels_last is want
+    assert fit_config(FinetuneConfig(precision="bf16"), src, True, torch.device("meta"))[0].cpu_bf16 is False
+    with pytest.raises(FinetuneError, match="precision"):
+        FinetuneConfig(precision="fp16").check()
+    res = finetune(base_model, _random_pairs(6), tmp_path / "bf16", steps=3, batch_size=2, device="cpu",
+                   precision="bf16")
+    rec = read_config(res.path)["finetune"]
+    assert rec["precision"] == "bf16 autocast" and rec["steps"] == 3
+    assert math.isfinite(res.dice_after)
+    assert "bf16 autocast" in (res.path / "README.md").read_text()

@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-masks", metavar="DIR", default=None, help="validation masks for --val-images")
     p.add_argument("--axes", default=None, help="axes of every input (YX, YXC, ZYX, TYX, TYXC); default: from the file")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                   help="auto (default): bf16 autocast on CPUs with fast bf16 (AMX, AVX512-BF16), else fp32")
     p.add_argument("--seed", type=int, default=0, help="random seed (validation split, order, augmentation)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --output")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result as the last line")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, time_budget_s=args.time_budget or None,
                              patience=args.patience or None, batch_size=args.batch_size, trainable=args.trainable,
                              augment=args.augment, freeze_bn=args.freeze_bn, val_fraction=args.val_fraction,
-                             val_split=args.val_split, seed=args.seed)
+                             val_split=args.val_split, seed=args.seed, precision=args.precision)
         res = finetune(args.model, data, args.output, cfg, val_data=val, device=args.device,
                        overwrite=args.overwrite, on_progress=progress)
     finally:
