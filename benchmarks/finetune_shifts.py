@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment-intensity", type=float, default=d.augment_intensity, help="brightness/contrast jitter")
     ap.add_argument("--augment-gamma", action="store_true", help="also a gamma jitter")
     ap.add_argument("--update-bn", dest="freeze_bn", action="store_false")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                    help="fine-tuning precision (auto: bf16 autocast where the CPU's bf16 pays); "
+                         "scoring uses predict's auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--work", default="/tmp/napari-sdunet-finetune-shifts", help="scratch folder")
     ap.add_argument("--json-out", default=None, help="append each result as one JSON line to this file")
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                                 patience=args.patience or None, lr=args.lr, batch_size=args.batch_size,
                                 trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
                                 base_weight=args.base_weight, augment_intensity=args.augment_intensity,
-                                augment_gamma=args.augment_gamma, val_fraction=args.val_fraction)
+                                augment_gamma=args.augment_gamma, val_fraction=args.val_fraction,
+                                precision=args.precision)
         res = ft.finetune(base, data, out, cfg, device="cpu",
                           on_progress=lambda p, v=vals: p.kind == "val" and v.append((p.step, round(p.val_dice, 4))))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size, "trainable": args.trainable, "base_weight": args.base_weight,
             "augment": args.augment, "augment_intensity": args.augment_intensity,
             "augment_gamma": args.augment_gamma,
-            "freeze_bn": args.freeze_bn, "threads": torch.get_num_threads(),
+            "freeze_bn": args.freeze_bn, "threads": torch.get_num_threads(), "precision": args.precision,
             "dice_before": before["dice"], "dice_before_sd": before["dice_sd"],
             "dice_after": after["dice"], "dice_after_sd": after["dice_sd"],
             "dice_3d_before": before.get("dice_3d"), "dice_3d_after": after.get("dice_3d"),
