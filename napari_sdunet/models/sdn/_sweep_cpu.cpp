@@ -275,9 +275,11 @@ inline void bwd_row(int S, const T* g, const G* sv, G* D, T* dx, T* acc) {
 }
 
 // Gradient of cell i of the previous line: its output gradient plus the 3 taps that read it
-// (tap k of cell i' reads cell i' + k - 1). Optionally adds the prior-term input gradient to dx.
-template <class P, class G, class T>
-inline void prev_row(int S, int i, int L, const T* grad, const G* du, T* g, const G* dxp, T* dx) {
+// (tap k of cell i' reads cell i' + k - 1). Optionally writes the line's input gradient: dx_in (the
+// direct path) plus the prior-term input gradient dxp, into dx_out (in place when they are the same).
+template <class P, class G, class T, class GR, class DX>
+inline void prev_row(int S, int i, int L, const GR* grad, const G* du, T* g, const G* dxp, const T* dx_in,
+                     DX* dx_out) {
   using V = typename P::v;
   const int S3 = 3 * S;
   for (int j = 0; j < S; j += P::W) {
@@ -286,7 +288,7 @@ inline void prev_row(int S, int i, int L, const T* grad, const G* du, T* g, cons
     if (i + 1 < L) v = v + P::load(du + S3 + j, n);
     if (i > 0) v = v + P::load(du - S3 + 2 * S + j, n);
     P::store(g + j, v, n);
-    if (dxp) P::store(dx + j, P::load(dx + j, n) + P::load(dxp + j, n), n);
+    if (dxp) P::store(dx_out + j, P::load(dx_in + j, n) + P::load(dxp + j, n), n);
   }
 }
 
@@ -381,15 +383,20 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g,
 
 // ---- backward
 
-template <class P, class G, class T>
+// bf16_io (lp mode, bf16 lines): the output gradient comes in bf16 and the input gradient goes out in
+// bf16 (rounded once from fp32, as a conversion afterwards would), with no full-size fp32 copy of either.
+template <class P, class G, class T, bool bf16_io = false>
 std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& x_g, const at::Tensor& out_g,
                                       const at::Tensor& saved, const at::Tensor& w_in, const at::Tensor& w_h,
                                       bool need_w_in, bool need_w_h, bool dnnl) {
+  using GR = std::conditional_t<bf16_io, bf16, T>;
+  using DX = GR;
   const int64_t Tn = grad.size(0), B = grad.size(1), L = grad.size(2), S = grad.size(3), M = B * L, S3 = 3 * S;
   const bool lp = !std::is_same_v<G, T>;
-  auto fo = grad.options();
+  auto fo = grad.options().dtype(gtype<T>());
   auto go = fo.dtype(gtype<G>());
-  at::Tensor dx = pooled_empty(grad.sizes(), fo);
+  at::Tensor dx = pooled_empty(grad.sizes(), grad.options());
+  at::Tensor dxs = bf16_io ? at::empty({M, S}, fo) : at::Tensor();  // the direct path of a step, in fp32
   at::Tensor dw_in_p = at::zeros({S3, S3}, fo);  // rows in the gate order of D: [n, r, z]
   at::Tensor dw_h = at::zeros({S3, S}, fo);
   const int nth = at::get_num_threads();
@@ -405,22 +412,24 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   const at::Tensor w_in_pt = dnnl ? w_in_p.t().contiguous() : at::Tensor();
   const at::Tensor w_h_t = dnnl ? w_h_g.t().contiguous() : at::Tensor();
   at::Tensor tmp_in = lp ? at::empty({S3, S3}, go) : at::Tensor(), tmp_h = lp ? at::empty({S3, S}, go) : at::Tensor();
-  at::Tensor g = grad.select(0, Tn - 1).clone();  // (B, L, S) total gradient of the current line
+  at::Tensor g = at::empty({B, L, S}, fo);  // (B, L, S) total gradient of the current line
+  g.copy_(grad.select(0, Tn - 1));
   const at::Tensor Da = D.narrow(1, 0, S3), Dc = D.narrow(1, S, S3);
   const int64_t line_pad = B * (L + 2) * S;
   for (int64_t t = Tn - 1; t > 0; --t) {
     const T* gp = g.data_ptr<T>();
     const G* svp = saved.data_ptr<G>() + (t - 1) * M * 5 * S;
     G* Dp = D.data_ptr<G>();
-    T* dxt = dx.data_ptr<T>() + t * M * S;
+    DX* dxt = dx.data_ptr<DX>() + t * M * S;
+    T* dxd = bf16_io ? dxs.data_ptr<T>() : reinterpret_cast<T*>(dxt);  // where the direct path goes
     T* accp = acc.data_ptr<T>();
     at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
       T* ac = accp + at::get_thread_num() * 4 * S;
-      for (int64_t m = lo; m < hi; ++m) bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxt + m * S, ac);
+      for (int64_t m = lo; m < hi; ++m) bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxd + m * S, ac);
     });
     acc_total.add_(acc.sum(0));
     acc.zero_();
-    at::Tensor dx_t = dx.select(0, t).view({M, S});
+    at::Tensor dx_t = bf16_io ? dxs : dx.select(0, t).view({M, S});
     const at::Tensor h = x_g.select(0, t).view({M, S});
     if (dnnl) {
       dxp = linear_dnnl(Dc, w_h_t);
@@ -446,16 +455,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
     }
     const G* dup = du.data_ptr<G>();
     const G* dxpp = (lp || dnnl) ? dxp.data_ptr<G>() : nullptr;
-    const T* grp = grad.data_ptr<T>() + (t - 1) * M * S;
+    const GR* grp = grad.data_ptr<GR>() + (t - 1) * M * S;
     T* gw = g.data_ptr<T>();
     at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t m = lo; m < hi; ++m)
-        prev_row<P, G, T>(S, static_cast<int>(m % L), static_cast<int>(L), grp + m * S, dup + m * S3, gw + m * S,
-                          dxpp ? dxpp + m * S : nullptr, dxt + m * S);
+        prev_row<P, G, T, GR, DX>(S, static_cast<int>(m % L), static_cast<int>(L), grp + m * S, dup + m * S3,
+                                  gw + m * S, dxpp ? dxpp + m * S : nullptr, dxd + m * S, dxt + m * S);
     });
   }
   dx.select(0, 0).copy_(g);
-  at::Tensor a = acc_total.to(grad.scalar_type());  // [n, r, z, c_n]
+  at::Tensor a = acc_total.to(gtype<T>());  // [n, r, z, c_n]
   at::Tensor db_in = at::cat({a.narrow(0, S, 2 * S), a.narrow(0, 0, S)});
   at::Tensor db_h = at::cat({a.narrow(0, S, 2 * S), a.narrow(0, 3 * S, S)});
   at::Tensor dw_in = at::cat({dw_in_p.narrow(0, S, 2 * S), dw_in_p.narrow(0, 0, S)}, 0);
@@ -493,6 +502,9 @@ std::vector<at::Tensor> sweep_backward(const at::Tensor& grad, const at::Tensor&
               "sweep backward: contiguous tensors expected");
   if (grad.scalar_type() == at::kDouble)
     return backward_impl<ScalarD, double, double>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, false);
+  if (x_g.scalar_type() == at::kBFloat16 && grad.scalar_type() == at::kBFloat16)  // bf16 lines: bf16 in, bf16 out
+    return backward_impl<FloatPolicy, bf16, float, true>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, false);
+  TORCH_CHECK(grad.scalar_type() != at::kBFloat16, "sweep backward: a bf16 gradient needs bf16 operands");
   if (x_g.scalar_type() == at::kBFloat16)
     return backward_impl<FloatPolicy, bf16, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, false);
   return backward_impl<FloatPolicy, float, float>(grad, x_g, out_g, saved, w_in, w_h, need_w_in, need_w_h, dnnl);

@@ -206,7 +206,9 @@ class FastSweep(torch.autograd.Function):
         with _no_autocast(grad):
             if ctx.cpp:
                 x_g, out_g, saved, w_in, w_h = ctx.saved_tensors
-                g = grad if grad.is_contiguous() and grad.dtype == w_in.dtype else ctx.cpp.pooled_copy(grad, w_in.dtype)
+                # bf16 lines: the bf16 output gradient is read as it is, and dx comes back in bf16
+                gdt = torch.bfloat16 if ctx.in_dtype == torch.bfloat16 and ctx.lp is not None else w_in.dtype
+                g = grad if grad.is_contiguous() and grad.dtype == gdt else ctx.cpp.pooled_copy(grad, gdt)
                 grads = ctx.cpp.backward(g, x_g, out_g, saved, w_in, w_h, need[1], need[3], ctx.dnnl)
                 grads = [d if n else None for d, n in zip(grads, need)]
                 if grads[0] is not None:
