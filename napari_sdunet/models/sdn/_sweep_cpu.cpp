@@ -292,6 +292,16 @@ inline void prev_row(int S, int i, int L, const GR* grad, const G* du, T* g, con
   }
 }
 
+// dst += src for an fp32 accumulator and a GEMM result in G (bf16 or float): one pass, where ATen's
+// mixed-dtype add_ first converts src into a temporary (two passes and an allocation per step)
+template <class P, class G>
+void accumulate(float* dst, const G* src, int64_t n) {
+  for (int64_t j = 0; j < n; j += P::W) {
+    const int k = static_cast<int>(std::min<int64_t>(P::W, n - j));
+    P::store(dst + j, P::load(dst + j, k) + P::load(src + j, k), k);
+  }
+}
+
 // Copy the taps [p_{i-1}, p_i, p_{i+1}] of every cell of a padded line (B, L+2, S) into u (B*L, 3S).
 template <class G>
 void copy_taps(const G* line_pad, G* u, int64_t B, int64_t L, int64_t S) {
@@ -427,8 +437,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       T* ac = accp + at::get_thread_num() * 4 * S;
       for (int64_t m = lo; m < hi; ++m) bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxd + m * S, ac);
     });
-    acc_total.add_(acc.sum(0));
-    acc.zero_();
+    {  // the step's per-thread bias-gradient sums into the float64 total (a few hundred values)
+      double* tot = acc_total.data_ptr<double>();
+      for (int th = 0; th < nth; ++th) {
+        T* a = accp + th * 4 * S;
+        for (int64_t k = 0; k < 4 * S; ++k) {
+          tot[k] += static_cast<double>(a[k]);
+          a[k] = 0;
+        }
+      }
+    }
     at::Tensor dx_t = bf16_io ? dxs : dx.select(0, t).view({M, S});
     const at::Tensor h = x_g.select(0, t).view({M, S});
     if (dnnl) {
@@ -443,12 +461,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       if (lp) at::mm_out(dxp, Dc, w_h_g);
       else dx_t.addmm_(Dc, w_h_g);
       if (need_w_h) {
-        if (lp) dw_h.add_(at::mm_out(tmp_h, Dc.t(), h));
+        if constexpr (!std::is_same_v<G, T>)
+          accumulate<FloatPolicy, G>(dw_h.data_ptr<float>(), at::mm_out(tmp_h, Dc.t(), h).data_ptr<G>(), S3 * S);
         else dw_h.addmm_(Dc.t(), h);
       }
       if (need_w_in) {
         copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
-        if (lp) dw_in_p.add_(at::mm_out(tmp_in, Da.t(), u));
+        if constexpr (!std::is_same_v<G, T>)
+          accumulate<FloatPolicy, G>(dw_in_p.data_ptr<float>(), at::mm_out(tmp_in, Da.t(), u).data_ptr<G>(), S3 * S3);
         else dw_in_p.addmm_(Da.t(), u);
       }
       at::mm_out(du, Da, w_in_p);
