@@ -208,3 +208,38 @@ def test_a_nifti_volume_in_another_orientation_is_segmented_in_the_models(make_n
     a, b = masks
     assert not np.allclose(a, a.mean())  # the probabilities vary over the volume
     assert np.allclose(b[:, ::-1, ::-1], a, atol=1e-5)  # same scan, same answer, in b's storage
+
+
+def test_precision_choice_reaches_inference_and_is_shown(make_napari_viewer, qtbot, checkpoints, errors, monkeypatch):
+    import napari_sdunet.inference as inference
+
+    viewer = _viewer_with(make_napari_viewer, "nuclei")
+    w = SegmentWidget(viewer)
+    assert w.precision.value == "auto" and list(w.precision.choices) == ["auto", "fp32", "bf16"]
+    w.models.add_folder(checkpoints["nuclei"])
+    w.image.value = viewer.layers[0]
+    seen, messages = [], []
+    real = inference.iter_predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "iter_predict", spy)
+    for choice in ("fp32", "bf16"):
+        w.precision.value = choice
+        assert w.run() is not None
+        _wait(qtbot, w)
+    assert errors == [] and seen == ["fp32", "bf16"]
+    assert w.runner.status.value.startswith("done")
+    from napari_sdunet.widgets.segment import segment_job
+
+    for choice in ("fp32", "bf16"):  # the status line says which precision ran
+        gen = segment_job(str(checkpoints["nuclei"]), "cpu", viewer.layers[0].data, "YXC", None, None, 8, False,
+                          precision=choice)
+        try:
+            while True:
+                messages.append(next(gen).message)
+        except StopIteration:
+            pass
+        assert any(f"on cpu, {choice}:" in m for m in messages), messages
