@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from napari_sdunet.devices import PRECISIONS, pick_precision  # noqa: E402
 from napari_sdunet.inference import effective_preprocessing, load_model, predict  # noqa: E402
 
 #: model -> kind of input it gets
@@ -57,16 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", action="store_true",
                     help="force native-resolution tiled inference (preprocessing mode 'tiles', tiles of the "
                          "training input size) for the image models, whatever their config says")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=["fp32", "bf16", "auto"],
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
                     help="Segment's precision setting(s), timed side by side (auto: bf16 autocast where it pays)")
     a = ap.parse_args(argv)
-    from napari_sdunet.devices import pick_precision
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} thread(s), best of {a.repeats}")
     print()
     print("| model | input | mode | precision | seconds | per frame (s) | vs fp32 |")
     print("|---|---|---|---|---:|---:|---:|")
-    for name in [m for m in a.models if m in MODELS]:
+    for name in a.models:
         try:
             loaded = load_model(name, device="cpu")
         except Exception as err:  # a model not shipped in this checkout

@@ -102,6 +102,7 @@ def sequence_groups(ids: list[str]) -> dict[str, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     from napari_sdunet import finetune as ft
+    from napari_sdunet.devices import PRECISIONS
 
     d = ft.FinetuneConfig()  # the widget's and the CLI's defaults
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment-intensity", type=float, default=d.augment_intensity, help="brightness/contrast jitter")
     ap.add_argument("--augment-gamma", action="store_true", help="also a gamma jitter")
     ap.add_argument("--update-bn", dest="freeze_bn", action="store_false")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+    ap.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                     help="fine-tuning precision (auto: bf16 autocast where the CPU's bf16 pays); "
                          "scoring uses predict's auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

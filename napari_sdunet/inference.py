@@ -224,11 +224,11 @@ def predict_prepared(model: torch.nn.Module, x: torch.Tensor, prep: dict[str, An
     if prep.get("mode") == "tiles":
         tile = prep.get("tile_size") or prep.get("input_size") or (256, 256)
         multiple = 2 ** int(getattr(model, "depth", 4))
-        probs = [predict_tiled(lambda b: predict_probabilities(model, _channels_last(b, prep), tta), xi, tile,
+        probs = [predict_tiled(lambda b: predict_probabilities(model, _channels_last(b), tta), xi, tile,
                                overlap=int(prep.get("tile_overlap", 32)), multiple=multiple) for xi in x]
         return torch.stack(probs)[:, None]
     size = prep.get("input_size")
-    xin = _channels_last(resize(x, (int(size[0]), int(size[1]))), prep) if size else x
+    xin = _channels_last(resize(x, (int(size[0]), int(size[1])))) if size else x
     prob = predict_probabilities(model, xin, tta)
     return resize(prob, hw) if tuple(prob.shape[-2:]) != hw else prob
 
@@ -268,7 +268,6 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
     dtype = pick_precision(precision, loaded.device)
     reduced = (torch.autocast(loaded.device.type, dtype=dtype) if dtype is not None
                else contextlib.nullcontext())
-    prep["channels_last"] = dtype is not None
     with torch.inference_mode(), reduced:
         if prep.get("mode") == "tiles":
             for i in range(n):
@@ -277,7 +276,7 @@ def iter_predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size
         else:
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
-                x = _channels_last(_prepare_batch(frames[start:stop], has_c, prep).to(loaded.device), prep)
+                x = _channels_last(_prepare_batch(frames[start:stop], has_c, prep).to(loaded.device))
                 prob = predict_prepared(loaded.model, x, prep, tta)  # x is at the model's size already
                 out[start:stop] = to_image_frame(prob.float(), hw).clamp_(0, 1).cpu().numpy()
                 yield Progress("frames", stop, n)
@@ -293,16 +292,16 @@ def _predict_tiles(loaded: LoadedModel, frame: np.ndarray, has_c: bool, prep: di
     x = to_model_input(frame, dict(prep, input_size=None), channel_axis=has_c)[None]
     if scale != 1.0:
         x = resize(x, (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))))
-    prob = predict_prepared(loaded.model, _channels_last(x.to(loaded.device), prep), prep, tta)[0, 0]
+    prob = predict_prepared(loaded.model, _channels_last(x.to(loaded.device)), prep, tta)[0, 0]
     prob = resize(prob[None, None], tuple(hw))[0, 0] if tuple(prob.shape) != tuple(hw) else prob
     return prob.clamp_(0, 1).cpu().numpy()
 
 
-def _channels_last(x: torch.Tensor, prep: dict[str, Any]) -> torch.Tensor:
-    """bf16 convolutions and the SDN sweeps run fastest on NHWC inputs (CPU, oneDNN)."""
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC under autocast: bf16 convolutions and the SDN sweeps run fastest on it (CPU, oneDNN)."""
     import torch
 
-    return x.contiguous(memory_format=torch.channels_last) if prep.get("channels_last") else x
+    return x.contiguous(memory_format=torch.channels_last) if torch.is_autocast_enabled(x.device.type) else x
 
 
 def predict(loaded: LoadedModel, data: np.ndarray, axes: str, *, batch_size: int = 8,

@@ -44,3 +44,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def precision_calls(monkeypatch):
+    """The ``precision`` of every ``inference.iter_predict`` call (the CLI and the widget's path), in order."""
+    import napari_sdunet.inference as inference
+
+    seen: list[str | None] = []
+    real = inference.iter_predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "iter_predict", spy)
+    return seen

@@ -165,26 +165,16 @@ def test_evaluate_real_nuclei_pairs(tmp_path, capsys):
     assert result["n"] == 2 and result["dice"] == pytest.approx(np.mean(direct))
 
 
-def test_predict_precision_option(tmp_path, capsys, monkeypatch):
+def test_predict_precision_option(tmp_path, capsys, precision_calls):
     # --precision fp32|bf16|auto reaches inference (bf16 autocast on CPU); a wrong value is a usage error
-    import napari_sdunet.inference as inference
-
     images, _, _ = _masks(tmp_path)
     model = make_checkpoint(tmp_path / "all_fg", bias=10.0)
-    seen = []
-    real = inference.iter_predict
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("precision"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "iter_predict", spy)
     for precision in ("fp32", "bf16"):
         out = tmp_path / f"out_{precision}"
         assert main(["predict", "--model", str(model), str(images / "a.png"), "-o", str(out),
                      "--device", "cpu", "--precision", precision]) == 0
         assert io.read_image(out / "a.png").data.min() == 255
-    assert seen == ["fp32", "bf16"]
+    assert precision_calls == ["fp32", "bf16"]
     with pytest.raises(SystemExit) as exc:
         main(["predict", "--model", str(model), str(images / "a.png"), "--precision", "fp16"])
     assert exc.value.code == 2 and "fp16" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..devices import PRECISIONS
     from ..finetune import FinetuneConfig
 
     d = FinetuneConfig()  # the one set of defaults (the widget and the benchmarks read it too)
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-masks", metavar="DIR", default=None, help="validation masks for --val-images")
     p.add_argument("--axes", default=None, help="axes of every input (YX, YXC, ZYX, TYX, TYXC); default: from the file")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto (default): bf16 autocast on CPUs with fast bf16 (AMX, AVX512-BF16), else fp32")
     p.add_argument("--seed", type=int, default=0, help="random seed (validation split, order, augmentation)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --output")

@@ -210,27 +210,19 @@ def test_a_nifti_volume_in_another_orientation_is_segmented_in_the_models(make_n
     assert np.allclose(b[:, ::-1, ::-1], a, atol=1e-5)  # same scan, same answer, in b's storage
 
 
-def test_precision_choice_reaches_inference_and_is_shown(make_napari_viewer, qtbot, checkpoints, errors, monkeypatch):
-    import napari_sdunet.inference as inference
-
+def test_precision_choice_reaches_inference_and_is_shown(make_napari_viewer, qtbot, checkpoints, errors,
+                                                         precision_calls):
     viewer = _viewer_with(make_napari_viewer, "nuclei")
     w = SegmentWidget(viewer)
     assert w.precision.value == "auto" and list(w.precision.choices) == ["auto", "fp32", "bf16"]
     w.models.add_folder(checkpoints["nuclei"])
     w.image.value = viewer.layers[0]
-    seen, messages = [], []
-    real = inference.iter_predict
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("precision"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "iter_predict", spy)
+    messages = []
     for choice in ("fp32", "bf16"):
         w.precision.value = choice
         assert w.run() is not None
         _wait(qtbot, w)
-    assert errors == [] and seen == ["fp32", "bf16"]
+    assert errors == [] and precision_calls == ["fp32", "bf16"]
     assert w.runner.status.value.startswith("done")
     from napari_sdunet.widgets.segment import segment_job
 

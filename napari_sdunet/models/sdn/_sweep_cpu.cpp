@@ -431,7 +431,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
     const G* svp = saved.data_ptr<G>() + (t - 1) * M * 5 * S;
     G* Dp = D.data_ptr<G>();
     DX* dxt = dx.data_ptr<DX>() + t * M * S;
-    T* dxd = bf16_io ? dxs.data_ptr<T>() : reinterpret_cast<T*>(dxt);  // where the direct path goes
+    T* dxd;  // where the direct path goes: the fp32 scratch line, or dx itself
+    if constexpr (bf16_io) dxd = dxs.data_ptr<T>();
+    else dxd = dxt;
     T* accp = acc.data_ptr<T>();
     at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
       T* ac = accp + at::get_thread_num() * 4 * S;

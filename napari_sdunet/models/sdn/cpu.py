@@ -180,14 +180,14 @@ class FastSweep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp, cpp, x_lp=None):  # noqa: D102
+    def forward(ctx, lines, w_in, b_in, w_h, b_h, lp, cpp):  # noqa: D102
         with _no_autocast(lines):
             x = lines.contiguous()
             ctx.lp, ctx.cpp, ctx.in_dtype = lp, cpp, x.dtype
             if cpp:
                 # the bf16 GEMM copy of the input: the caller's own bf16 tensor under autocast (then
                 # x is bf16 itself, and so is the output: no fp32 copy of either)
-                x_g = x if x.dtype == lp else (x_lp if x_lp is not None else cpp.pooled_copy(x, lp)) if lp else x
+                x_g = cpp.pooled_copy(x, lp) if lp is not None and x.dtype != lp else x
                 ctx.dnnl = lp is None and x.dtype == torch.float32 and fp32_gemm_backend() == "onednn"
                 out, out_g, saved = cpp.forward(x, x_g, w_in, b_in, w_h, b_h, True, lp is not None, ctx.dnnl)
                 # backward reads only the GEMM-dtype copies of input and state (bf16 with lp)
@@ -202,7 +202,7 @@ class FastSweep(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         need = ctx.needs_input_grad[:5]
         if grad.shape[0] == 1:  # a single line: the sweep is the identity, the weights are unused
-            return grad, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         with _no_autocast(grad):
             if ctx.cpp:
                 x_g, out_g, saved, w_in, w_h = ctx.saved_tensors
@@ -216,7 +216,7 @@ class FastSweep(torch.autograd.Function):
             else:
                 x, w_in, w_h, out, gates, prior = ctx.saved_tensors
                 grads = _backward(grad.to(x.dtype).contiguous(), x, w_in, w_h, out, gates, prior, need, ctx.lp)
-        return (*grads, None, None, None)
+        return (*grads, None, None)
 
 
 class _PooledCopy(torch.autograd.Function):
@@ -266,7 +266,7 @@ def _apply(lines, w_in, b_in, w_h, b_h, lp, use_cpp=True):
     else:
         x = lines.to(dtype).contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_h, b_h)):
-        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp, None)
+        y = FastSweep.apply(x, w_in, b_in, w_h, b_h, lp, cpp)
     else:
         with _no_autocast(x):
             xc = x.contiguous()
