@@ -51,10 +51,10 @@ def nuclei() -> list[LayerData]:
 
 
 def polyps() -> list[LayerData]:
-    """CVC-ClinicDB frame 10 (384x288 RGB) and its polyp mask (research/educational use only)."""
+    """CVC-ClinicDB frame 436 (384x288 RGB, test sequence 21) and its polyp mask (research/educational use only)."""
     image = _png("polyp_image.png")
     mask = (_png("polyp_mask.png") > 0).astype(np.uint8)
-    meta = {"source": "CVC-ClinicDB frame 10, research and educational use only"}
+    meta = {"source": "CVC-ClinicDB frame 436, research and educational use only"}
     return [(image, {"name": "polyp frame", "rgb": True, "metadata": meta}, "image"),
             (mask, {"name": "polyp reference", "metadata": meta, "opacity": 0.5, "colormap": REFERENCE_COLORS},
              "labels")]

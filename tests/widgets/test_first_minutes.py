@@ -23,11 +23,7 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.mark.parametrize("sample", [
     "nuclei",
-    pytest.param("polyps", marks=pytest.mark.xfail(
-        strict=False,
-        reason="the preselected unet-polyps of the campaign (val Dice 0.891, test Dice 0.617) gives Dice 0.496 "
-               "on the polyp sample (CVC-ClinicDB frame 10), measured 2026-12-03 (the old sdunet-polyps: 0.026); "
-               "passes once the campaign ships polyp weights that find this polyp")),
+    "polyps",
     "ct",
 ])
 def test_open_sample_dock_segment_press_segment(make_napari_viewer, qtbot, errors, sample):
