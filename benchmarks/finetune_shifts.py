@@ -6,7 +6,9 @@ the best-validating shipped model of each task, 10 corrected frames, the library
 Shifts (the fine-tuning frames are never among the evaluation frames):
 
 * ``polyps``: CVC-ClinicDB test sequence 1 (never seen in training), frames 1-10 fine-tune; evaluated on
-  every other frame of the three test sequences (1: frames 11-25, 4 and 21: all), 45 frames.
+  every other frame of the three test sequences (1: frames 11-25, 4 and 21: all), 45 frames, and per
+  sequence: the rest of the same video (what a user who corrected part of a video gets) and the other
+  polyps. ``--sequence 21`` fine-tunes on the first 10 frames of test sequence 21 instead.
 * ``nuclei``: the stained-tissue (H&E-like colour, 320x256) images of DSB2018, 17 % of the training set.
   The 10 of the validation split fine-tune (the shipped model never trained on them; they only chose
   its checkpoint), the 9 of the test split are evaluated.
@@ -34,10 +36,13 @@ DATA = REPO.parent / "shared" / "data"
 TASK_OF_SHIFT = {"polyps": "polyps", "nuclei": "nuclei", "liver": "liver"}
 
 
-def polyp_shift() -> tuple[list[str], list[str]]:
+def polyp_shift(sequence: str = "1") -> tuple[list[str], list[str]]:
     rows = list(csv.DictReader(open(DATA / "polyps" / "split.csv")))
-    seq1 = sorted((r["id"] for r in rows if r["sequence"] == "1"), key=int)
-    tune = seq1[:10]
+    if not any(r["sequence"] == sequence and r["split"] == "test" for r in rows):
+        raise SystemExit(f"--sequence {sequence} is not a test sequence of CVC-ClinicDB "
+                         f"(test: {sorted({r['sequence'] for r in rows if r['split'] == 'test'}, key=int)})")
+    frames = sorted((r["id"] for r in rows if r["sequence"] == sequence), key=int)
+    tune = frames[:10]
     test = sorted((r["id"] for r in rows if r["split"] == "test" and r["id"] not in tune), key=int)
     return tune, test
 
@@ -108,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shift", choices=["polyps", "nuclei", "liver", "all"], default="all")
     ap.add_argument("--model", default=None, help="base model (default: the best-validating shipped one)")
+    ap.add_argument("--sequence", default="1",
+                    help="polyps: the test sequence whose first 10 frames fine-tune (1, 4 or 21; default 1)")
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--time-budget", type=float, default=d.time_budget_s, help="seconds; 0: none")
     ap.add_argument("--patience", type=int, default=d.patience, help="validations; 0: none")
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--warmup", type=int, default=d.warmup_steps, help="steps of linear lr warm-up")
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
     ap.add_argument("--val-fraction", type=float, default=d.val_fraction)
     ap.add_argument("--trainable", choices=["all", "decoder"], default="all")
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             groups = None
             what = f"TotalSegmentator CT, slices {LIVER_TUNE} fine-tune, {len(keep)} others evaluated"
         else:
-            tune_ids, eval_ids = polyp_shift() if shift == "polyps" else nuclei_shift()
+            tune_ids, eval_ids = polyp_shift(args.sequence) if shift == "polyps" else nuclei_shift()
             data = [ft.LabelledImage(im, m.astype(np.uint8), "YXC", name=i)
                     for i, (im, m) in zip(tune_ids, load_2d(task, tune_ids))]
             eval_data = load_2d(task, eval_ids)
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         vals = []
         cfg = ft.FinetuneConfig(steps=args.steps or None, time_budget_s=args.time_budget or None,
-                                patience=args.patience or None, lr=args.lr, batch_size=args.batch_size,
+                                patience=args.patience or None, lr=args.lr, warmup_steps=args.warmup,
+                                batch_size=args.batch_size,
                                 trainable=args.trainable, augment=args.augment, freeze_bn=args.freeze_bn,
                                 base_weight=args.base_weight, augment_intensity=args.augment_intensity,
                                 augment_gamma=args.augment_gamma, val_fraction=args.val_fraction,
@@ -187,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{res.n_val} held-out frames, wall {wall:.0f} s, CPU {cpu:.0f} s; held-out Dice "
               f"{res.dice_before:.4f} -> {res.dice_after:.4f}; validations {vals}", flush=True)
         record = {
-            "shift": shift, "what": what, "base": base, "tag": args.tag, "steps_cap": args.steps,
-            "time_budget_s": args.time_budget, "patience": args.patience, "lr": args.lr,
+            "shift": shift, "what": what, "sequence": args.sequence if shift == "polyps" else None,
+            "base": base, "tag": args.tag, "steps_cap": args.steps,
+            "time_budget_s": args.time_budget, "patience": args.patience, "lr": args.lr, "warmup": args.warmup,
             "batch_size": args.batch_size, "trainable": args.trainable, "base_weight": args.base_weight,
             "augment": args.augment, "augment_intensity": args.augment_intensity,
             "augment_gamma": args.augment_gamma,

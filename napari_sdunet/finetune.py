@@ -388,6 +388,10 @@ class FinetuneConfig:
     #: (weight-space ensembling, "WiSE-FT"): keeps what the base knew about other images
     base_weight: float = 0.0
     lr: float = 1e-4
+    #: linear lr warm-up over the first steps: a fresh Adam's first updates are about lr per weight
+    #: whatever the gradient, which with frozen BatchNorm statistics can wreck a converged model in ten
+    #: steps (measured: docs/finetune.md, "Warm-up")
+    warmup_steps: int = 0
     batch_size: int = 4
     trainable: str = "all"
     augment: bool = True
@@ -431,6 +435,8 @@ class FinetuneConfig:
             raise FinetuneError(f"the learning rate must be a positive number, got {self.lr}")
         if self.batch_size < 1:
             raise FinetuneError("batch_size must be >= 1")
+        if self.warmup_steps < 0:
+            raise FinetuneError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise FinetuneError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         from .devices import PRECISIONS
@@ -472,7 +478,8 @@ def fit_config(ft: FinetuneConfig, batches: BatchSource, has_val: bool,
 
     bf16 = device is not None and pick_precision(ft.precision, device) is not None
     cfg = FitConfig(epochs=ft.epochs if ft.epochs is not None else 10**9, max_steps=ft.steps, lr=ft.lr,
-                    batch_size=ft.batch_size, patience=ft.patience if has_val else None, seed=ft.seed,
+                    warmup_steps=ft.warmup_steps, batch_size=ft.batch_size,
+                    patience=ft.patience if has_val else None, seed=ft.seed,
                     trainable=ft.trainable, validate_on_stop=True, cpu_bf16=bf16, channels_last=bf16)
     steps_per_epoch, total = plan_steps(cfg, batches)
     every = max(1, min(steps_per_epoch, math.ceil(min(total, FinetuneConfig.steps) / 20)))

@@ -500,3 +500,20 @@ def test_precision_setting_reaches_the_training_loop(tmp_path, base_model):
     assert rec["precision"] == "bf16 autocast" and rec["steps"] == 3
     assert math.isfinite(res.dice_after)
     assert "bf16 autocast" in (res.path / "README.md").read_text()
+
+
+def test_warmup_setting_reaches_the_training_loop():
+    # the fine-tuning lr ramps up linearly over warmup_steps (fit's own schedule), then stays constant
+    import torch
+
+    from napari_sdunet.batches import BatchSource
+    from napari_sdunet.finetune import FinetuneConfig, fit_config
+    from napari_sdunet.train_loop import lr_factor
+
+    src = BatchSource(torch.zeros(4, 3, 16, 16), torch.zeros(4, 1, 16, 16), batch_size=2)
+    cfg, total = fit_config(FinetuneConfig(warmup_steps=4), src, True, torch.device("cpu"))
+    assert cfg.warmup_steps == 4
+    assert [lr_factor(cfg, s, total) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert fit_config(FinetuneConfig(), src, True, torch.device("cpu"))[0].warmup_steps == 0
+    with pytest.raises(FinetuneError, match="warmup_steps"):
+        FinetuneConfig(warmup_steps=-1).check()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from napari_sdunet.models.registry import get_arch
 from training.campaign import (
     CampaignError,
     choose_precision,
@@ -283,7 +284,10 @@ def test_the_committed_campaign_file_parses():
     assert len(names) == 12 and len(set(names)) == 12
     assert {(r.arch, r.task) for r in camp.runs} == {(a, t) for a in ("unet", "unetpp", "sdunet", "sdnunet")
                                                      for t in ("nuclei", "polyps", "liver")}
-    # cheap baselines first, SD networks warm-started from them
-    first_sd = next(i for i, r in enumerate(camp.runs) if r.arch.startswith("sd"))
-    assert all(not r.arch.startswith("sd") for r in camp.runs[:first_sd])
-    assert all(r.init == "baseline" for r in camp.runs[first_sd:])
+    # every SD network warm-starts from the baseline of its task, which is queued before it
+    where = {(r.arch, r.task): i for i, r in enumerate(camp.runs)}
+    for i, r in enumerate(camp.runs):
+        if r.arch.startswith("sd"):
+            assert r.init == "baseline"
+            assert where[(get_arch(r.arch).baseline, r.task)] < i, r.name
+    assert camp.runs[0].arch == "unet"
