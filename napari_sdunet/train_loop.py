@@ -37,6 +37,7 @@ class FitConfig:
     max_steps: int | None = None
     lr: float = 1e-4
     batch_size: int = 20
+    val_batch_size: int | None = None  # None: batch_size (validation crops larger than the patches want fewer)
     weight_decay: float = 0.0
     val_every: int = 0
     patience: int | None = 30
@@ -322,8 +323,8 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16
 
-    val = Validator(val_set, cfg.batch_size, dev, cfg.val_flip_tta, best_dice=float(start_best_dice),
-                    best_step=int(start_step))
+    val = Validator(val_set, cfg.val_batch_size or cfg.batch_size, dev, cfg.val_flip_tta,
+                    best_dice=float(start_best_dice), best_step=int(start_step))
     val.keep(model, int(start_step))
     step = int(start_step)
     cpu_before = float(start_cpu_seconds)

@@ -120,3 +120,22 @@ def test_every_engine_report_is_one_progress_class():
 
     with pytest.raises(ValueError, match="unknown progress kind"):
         Progress("stepz")
+
+
+def test_validation_batch_size_is_its_own_and_leaves_the_dice_unchanged(monkeypatch):
+    import napari_sdunet.train_loop as tl
+
+    seen, real = [], tl.evaluate_dice
+
+    def spy(model, data, batch_size=20, *a, **k):
+        seen.append(batch_size)
+        return real(model, data, batch_size, *a, **k)
+
+    monkeypatch.setattr(tl, "evaluate_dice", spy)
+    cfg = FitConfig(epochs=1, lr=5e-3, batch_size=4, val_batch_size=2, patience=None)
+    fit(_small_unet(), _blobs(8), _blobs(5, seed=1), cfg, device="cpu")
+    assert seen and set(seen) == {2}
+    torch.manual_seed(0)
+    model = _small_unet().eval()
+    val = _blobs(5, seed=1)
+    assert math.isclose(real(model, val, 1), real(model, val, 5), abs_tol=1e-6)

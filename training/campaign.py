@@ -194,6 +194,19 @@ def _augment(recipe: Recipe):
         raise CampaignError(f"recipe {recipe.name!r}: bad augment table: {e}") from None
 
 
+def val_batch_size(r: Recipe) -> int:
+    """Validation batch: at most twice the pixels of a training batch.
+
+    The native nuclei runs train on small patches and validate on 256x256 crops; at the training batch
+    size an SD network's validation held 7 GB (SDU-Net, 12 crops), the campaign's peak. The Dice does not
+    depend on the batch (eval-mode BatchNorm, per-image scores), so only memory changes.
+    """
+    if not (r.native and r.patch):
+        return r.batch_size
+    per_batch = r.batch_size * r.patch[0] * r.patch[1]
+    return max(1, min(r.batch_size, 2 * per_batch // (int(r.val_crop) ** 2)))
+
+
 def build_data(entry: RunEntry, data_root: str | None = None, limit: int | None = None):
     """(train BatchSource, val SegDataset, preprocessing record) of a run's recipe."""
     from .datasets import load_native, load_split
@@ -385,7 +398,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
                     patience=r.patience, cpu_bf16=choice["precision"] == "bf16", seed=entry.seed,
                     lr_schedule="cosine", warmup_steps=r.warmup_steps, min_lr_factor=r.min_lr_factor,
                     optimizer=r.optimizer, channels_last=True, state_every_s=camp.state_every_s,
-                    grad_clip=r.grad_clip, validate_on_stop=False)
+                    grad_clip=r.grad_clip, validate_on_stop=False, val_batch_size=val_batch_size(r))
     budget_s = entry.budget_cpu_hours * 3600 if entry.budget_cpu_hours else None
     stop = stop or _Stop()
     t_start = time.perf_counter()
