@@ -388,9 +388,9 @@ class FinetuneConfig:
     #: (weight-space ensembling, "WiSE-FT"): keeps what the base knew about other images
     base_weight: float = 0.0
     lr: float = 1e-4
-    #: linear lr warm-up over the first steps: a fresh Adam's first updates are about lr per weight
-    #: whatever the gradient, which with frozen BatchNorm statistics can wreck a converged model in ten
-    #: steps (measured: docs/finetune.md, "Warm-up")
+    #: linear lr warm-up over the first steps (a fresh Adam's first updates are about lr per weight
+    #: whatever the gradient). Off by default: measured, it did not stop the collapse of a model that
+    #: already fits the frames (docs/finetune.md, "Session 6")
     warmup_steps: int = 0
     batch_size: int = 4
     trainable: str = "all"

@@ -20,7 +20,7 @@ import torch
 from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
 from napari_sdunet.train_loop import evaluate_dice
 
-from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder
+from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder, val_batch_size
 from .ship import DATA_TERMS, pct
 
 NATIVE_TERMS = ("2018 Data Science Bowl stage1_train (BBBC038), all 670 images at their own resolution (`nuclei/`); "
@@ -43,13 +43,13 @@ def _best_weights(entry: RunEntry, camp: Campaign, partial: bool) -> torch.nn.Mo
     return model.eval()
 
 
-def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val) -> float:
+def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val, batch_size: int = 8) -> float:
     """Mean per-image validation Dice of a model fed the way its config says (resized or at native size)."""
     from .evaluate import predict_probs
 
     size = config_prep.get("input_size")
     if config_prep.get("mode") == "tiles" or size is None:
-        return evaluate_dice(model, val, batch_size=8)
+        return evaluate_dice(model, val, batch_size=batch_size)
     probs = predict_probs(model, val.images, size)
     from napari_sdunet.losses import hard_dice
 
@@ -209,7 +209,8 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
                    cpu_hours=round(meta.get("cpu_seconds", 0.0) / 3600, 4))
     _, val, prep = build_data(entry, data_root, limit)
     model = _best_weights(entry, camp, partial)
-    new_val = val_dice_of(model, prep, val)
+    vb = val_batch_size(entry.recipe)  # the run's own validation batch: same memory bound as training
+    new_val = val_dice_of(model, prep, val, vb)
     target = (dest / entry.name) if dest else shipped_folder(entry)
     old_val = None
     if (target / "config.json").is_file():
@@ -218,7 +219,7 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
         if same.get("run") == entry.name and same.get("step") == rec.get("step"):  # shipped again (a new card)
             old_val = same.get("replaced_val_dice")
         else:
-            old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val)
+            old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val, vb)
     if old_val is not None and new_val <= old_val and not force:
         log(rd, f"not shipped: validation Dice {new_val:.4f} <= shipped {old_val:.4f}")
         return None

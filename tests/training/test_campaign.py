@@ -300,5 +300,4 @@ def test_validation_batches_hold_at_most_twice_a_training_batch_of_pixels():
     by_name = {r.name: r.recipe for r in camp.runs}
     sd = by_name["sdunet-nuclei"]  # 12 patches of 96x96, validated on 256x256 crops
     assert val_batch_size(sd) == 3
-    assert 3 * 256 * 256 <= 2 * 12 * 96 * 96 < 4 * 256 * 256
     assert val_batch_size(by_name["unet-polyps"]) == by_name["unet-polyps"].batch_size  # same size: unchanged
