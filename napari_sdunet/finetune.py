@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import FinetuneError  # re-exported: napari_sdunet.finetune.FinetuneError
+from .tasks import flips_allowed
 
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
@@ -149,14 +150,26 @@ def frames_dataset(frames: Sequence[Frame], prep: dict[str, Any], native: bool =
 NATIVE_VAL_CROP = 256
 
 
-def augment_config(augment: bool, intensity: float, gamma: bool) -> AugmentConfig:
-    """Fine-tuning's augmentation of the few frames: flips, 90-degree turns (square inputs),
+def augment_config(augment: bool, intensity: float, gamma: bool, flips: bool = True) -> AugmentConfig:
+    """Fine-tuning's augmentation of the few frames: flips and 90-degree turns (square inputs) where
+    mirrored images mean the same (``flips``; not CT, whose slices have a side: a zoom of ±10 % instead),
     brightness/contrast jitter of ``intensity`` and optionally a gamma jitter."""
     from .batches import AugmentConfig
 
     if not augment:
         return AugmentConfig()
-    return AugmentConfig(flips=True, rot90=True, intensity=intensity, gamma=0.2 if gamma else 0.0)
+    g = 0.2 if gamma else 0.0
+    if not flips:
+        return AugmentConfig(scale=(0.9, 1.1), intensity=intensity, gamma=g)
+    return AugmentConfig(flips=True, rot90=True, intensity=intensity, gamma=g)
+
+
+def augment_text(augment: AugmentConfig) -> str:
+    """What the augmentation does, in words (the model card and the widget's summary)."""
+    kinds = [name for name, on in (("flips", augment.flips), ("rotations", augment.rot90),
+                                   ("zoom", tuple(augment.scale) != (1.0, 1.0)),
+                                   ("intensity", augment.intensity > 0 or augment.gamma > 0)) if on]
+    return "/".join(kinds) or "none"
 
 
 def training_data(train: SegDataset, val: SegDataset | None, prep: dict[str, Any], batch_size: int,
@@ -304,7 +317,8 @@ def model_card(name: str, base: str, info: dict[str, Any], task: str | None) -> 
         "",
         f"- steps: {info['steps']} (batch {info['batch_size']}; stopped by {info['stopped_by']}; weights of step "
         f"{info['best_step']} kept), learning rate {info['lr']:g}, "
-        f"trained: {info['trainable']}, augmentation: {'flips/rotations/intensity' if info['augment'] else 'none'}",
+        f"trained: {info['trainable']}, "
+        f"augmentation: {info.get('augmentation') or ('yes' if info['augment'] else 'none')}",
         f"- device: {info['device']} ({info.get('precision', 'fp32')}), training time: {info['seconds']:.1f} s",
         "",
         "## Result",
@@ -515,6 +529,8 @@ def run_record(ft: FinetuneConfig, base_folder: Path, base_config: dict[str, Any
         "batch_size": ft.batch_size,
         "trainable": ft.trainable,
         "augment": ft.augment,
+        "augmentation": augment_text(augment_config(ft.augment, ft.augment_intensity, ft.augment_gamma,
+                                                    flips_allowed(base_config.get("preprocessing") or {}))),
         "freeze_bn": ft.freeze_bn,
         "device": str(device),
         "seconds": round(fit_res.seconds, 2),
@@ -579,7 +595,7 @@ def finetune(
     native = prep.get("mode") == "tiles"  # the model sees images at their own pixel size
     train_set = frames_dataset(train_frames, prep, native=native)
     val_set = frames_dataset(val_frames, prep, native=native) if val_frames else None
-    augment = augment_config(ft.augment, ft.augment_intensity, ft.augment_gamma)
+    augment = augment_config(ft.augment, ft.augment_intensity, ft.augment_gamma, flips_allowed(prep))
     train_data, val_set, measure_set = training_data(train_set, val_set, prep, batch_size, augment, ft.seed)
     dice_on = "validation" if val_set is not None else "training"
 

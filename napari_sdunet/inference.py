@@ -22,7 +22,7 @@ from .axes import check_axes, propose_axes
 from .devices import pick_device, pick_precision
 from .errors import InputError
 from .events import Progress
-from .tasks import MODALITIES, WINDOW, intensity_rule, modality_names
+from .tasks import MODALITIES, WINDOW, flips_allowed, intensity_rule, modality_names
 
 if TYPE_CHECKING:  # torch is imported lazily so that napari starts fast
     import torch
@@ -213,7 +213,8 @@ def predict_prepared(model: torch.nn.Module, x: torch.Tensor, prep: dict[str, An
     The one prediction rule of the project (the plugin, the CLI, validation while training and the test
     metrics all come here): a ``mode: tiles`` model runs on each image at its own pixel size in
     overlapping tiles (:mod:`napari_sdunet.tiling`); any other model sees ``x`` resized to its input
-    size, and its probabilities are resized back.
+    size, and its probabilities are resized back. ``tta`` averages over flips only where flipped images
+    mean the same (:func:`~napari_sdunet.tasks.flips_allowed`: not for CT).
     """
     import torch
 
@@ -221,6 +222,7 @@ def predict_prepared(model: torch.nn.Module, x: torch.Tensor, prep: dict[str, An
     from .tiling import predict_tiled
 
     hw = tuple(x.shape[-2:])
+    tta = tta and flips_allowed(prep)
     if prep.get("mode") == "tiles":
         tile = prep.get("tile_size") or prep.get("input_size") or (256, 256)
         multiple = 2 ** int(getattr(model, "depth", 4))

@@ -58,6 +58,12 @@ def test_evaluate_nifti_volumes(tmp_path, capsys):
                  "--masks", str(tmp_path / "masks"), "--json", "-q"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == {**result, "n": 2, "dice": 0.0, "jaccard": 0.0}
+    # --tta cannot mirror CT slices (the anatomy has a side): said, not silently ignored
+    assert main(["evaluate", "--model", str(model), "--images", str(tmp_path / "images"),
+                 "--masks", str(tmp_path / "masks"), "--json", "-q", "--tta"]) == 0
+    captured = capsys.readouterr()
+    assert "--tta has no effect" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["dice"] == 0.0
 
 
 def test_evaluate_per_slice_rows_in_output_json_and_csv(tmp_path, capsys):

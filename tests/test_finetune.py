@@ -517,3 +517,32 @@ def test_warmup_setting_reaches_the_training_loop():
     assert fit_config(FinetuneConfig(), src, True, torch.device("cpu"))[0].warmup_steps == 0
     with pytest.raises(FinetuneError, match="warmup_steps"):
         FinetuneConfig(warmup_steps=-1).check()
+
+
+@pytest.mark.parametrize("task,mirrors", [("liver", False), ("nuclei", True)])
+def test_ct_models_are_never_fine_tuned_on_mirrored_slices(tmp_path, monkeypatch, task, mirrors):
+    """A CT slice has a side (the liver is on the patient's right): its augmentation zooms, never flips or turns."""
+    import napari_sdunet.train_loop as tl
+
+    model = create_model("unet", task=task, base_filters=4, depth=2)
+    base = save_checkpoint(model, tmp_path / "base", task=task, preprocessing=TASKS[task].preprocessing.to_dict(),
+                           card="# b\n")
+    rng = np.random.default_rng(0)
+    ch = TASKS[task].in_channels
+    shape = (64, 64, 3) if ch == 3 else (64, 64)
+    pairs = [(rng.integers(0, 255, shape, dtype=np.uint8), (rng.random((64, 64)) > 0.6).astype(np.uint8))
+             for _ in range(4)]
+    seen = {}
+    real_fit = tl.fit
+
+    def spy(model, train, val, cfg, **kw):
+        seen["augment"] = train.augment
+        return real_fit(model, train, val, cfg, **kw)
+
+    monkeypatch.setattr(tl, "fit", spy)
+    res = finetune(base, pairs, tmp_path / "out", steps=2, time_budget_s=None, batch_size=2, device="cpu")
+    aug = seen["augment"]
+    assert (aug.flips, aug.rot90) == (mirrors, mirrors)
+    assert (tuple(aug.scale) != (1.0, 1.0)) == (not mirrors) and aug.intensity > 0
+    card = (res.path / "README.md").read_text()
+    assert ("augmentation: flips/rotations/intensity" if mirrors else "augmentation: zoom/intensity") in card

@@ -127,6 +127,35 @@ def test_tta_and_batch_size_do_not_change_an_equivariant_model():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+class LeftSided(nn.Module):
+    """Foreground = the left half of the image: a model with a side, like the liver's."""
+
+    in_channels = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1]
+        side = torch.where(torch.arange(w) < w // 2, 8.0, -8.0).expand_as(x[:, :1])
+        return side + 0.0 * x[:, :1]
+
+
+@pytest.mark.parametrize("prep,flipped", [
+    ({"input_size": [32, 32], "channels": 1, "modality": "ct", "ct_window": [-40.0, 160.0]}, False),
+    ({"input_size": [32, 32], "channels": 1, "ct_window": [-40.0, 160.0]}, False),  # no modality: a window is CT
+    ({"input_size": [32, 32], "channels": 1, "modality": "microscopy"}, True),
+])
+def test_tta_flips_only_where_flipped_images_mean_the_same(prep, flipped):
+    """CT slices have a side (the liver is on the patient's right): test-time flips stay off for them."""
+    loaded = LoadedModel(LeftSided(), {"preprocessing": prep}, Path("sided"), torch.device("cpu"))
+    data = np.zeros((2, 32, 32), np.int16)
+    plain = predict(loaded, data, "ZYX", precision="fp32")
+    tta = predict(loaded, data, "ZYX", tta=True, precision="fp32")
+    assert plain[:, :, :16].min() > 0.99 and plain[:, :, 16:].max() < 0.01
+    if flipped:  # the mirrored predictions average the two halves to 0.5
+        np.testing.assert_allclose(tta, 0.5, atol=1e-4)
+    else:
+        np.testing.assert_array_equal(tta, plain)
+
+
 def test_cancel_between_batches():
     loaded = brightness_model({"input_size": [32, 32], "channels": 1})
     seen = []

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import add_model_options, check_model_options, predict_volume, report_failures, run_batch
+from ._common import add_model_options, check_model_options, note_tta, predict_volume, report_failures, run_batch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {len(missing)} image(s) have no mask and are skipped: {', '.join(missing[:5])}"
               f"{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
     loaded = load_model(args.model, args.device)
+    note_tta(loaded, args)
     print(f"model {loaded.name} ({loaded.config.get('arch')}, task {loaded.config.get('task')}) "
           f"on {loaded.device}; {len(matched)} image/mask pairs")
     preds, refs = [], []

@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_model_options, check_model_options, expand_inputs, predict_volume, report_failures, run_batch
+from ._common import (
+    add_model_options,
+    check_model_options,
+    expand_inputs,
+    note_tta,
+    predict_volume,
+    report_failures,
+    run_batch,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.inputs)
     inputs_resolved = {p.resolve() for p in inputs}
     loaded = load_model(args.model, args.device)
+    note_tta(loaded, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"model {loaded.name} ({loaded.config.get('arch')}, task {loaded.config.get('task')}) "
           f"on {loaded.device}")

@@ -221,7 +221,7 @@ class FinetuneWidget(Container):
         self.batch_size = SpinBox(label="batch size", min=1, max=256, value=d.batch_size)
         self.trainable = ComboBox(label="train", choices=[("all weights", "all"), ("decoder only", "decoder")],
                                   value="all")
-        self.augment = CheckBox(text="augment (flips, rotations, intensity)", value=True)
+        self.augment = CheckBox(text="augment (flips, rotations, intensity; CT: zoom, intensity)", value=True)
         self.freeze_bn = CheckBox(text="keep the base model's BatchNorm statistics", value=True,
                                   tooltip="recommended for a few frames; untick when the new images look very "
                                           "different (other stain, camera) and you have many labelled frames")

@@ -18,7 +18,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label,
 from ..axes import AXES, propose_layer_axes
 from ..devices import PRECISIONS
 from ..events import Progress, status
-from ..tasks import DEFAULT_CT_WINDOW, MODALITIES, WINDOW, intensity_rule
+from ..tasks import DEFAULT_CT_WINDOW, MODALITIES, WINDOW, flips_allowed, intensity_rule
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
 
 
@@ -160,6 +160,20 @@ class SegmentWidget(Container):
         else:
             on = MODALITIES[modality].rule == WINDOW
         self.ct_lo.enabled = self.ct_hi.enabled = on
+        self._update_tta_enabled()
+
+    def _update_tta_enabled(self) -> None:
+        """Test-time flips only where a mirrored image means the same (not CT: the anatomy has a side)."""
+        from ..inference import effective_preprocessing
+
+        prep = effective_preprocessing({"preprocessing": getattr(self, "_model_prep", {})}, self.modality.value)
+        allowed = flips_allowed(prep)
+        self.tta.enabled = allowed
+        if not allowed:
+            self.tta.value = False
+        self.tta.tooltip = ("average the predictions of the image and its mirror images" if allowed else
+                            "off for CT: its slices have a side (the liver is on the patient's right), so a "
+                            "mirrored slice shows an anatomy the model never saw")
 
     # ---------------------------------------------------------------- running
     def progress_value(self) -> int:

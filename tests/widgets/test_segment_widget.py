@@ -235,3 +235,20 @@ def test_precision_choice_reaches_inference_and_is_shown(make_napari_viewer, qtb
         except StopIteration:
             pass
         assert any(f"on cpu, {choice}:" in m for m in messages), messages
+
+
+def test_test_time_flips_are_off_for_ct_models(make_napari_viewer, checkpoints):
+    """A CT model (and the CT modality preset) greys out test-time flips: mirrored slices mean another anatomy."""
+    viewer = _viewer_with(make_napari_viewer, "nuclei")
+    w = SegmentWidget(viewer)
+    w.models.add_folder(checkpoints["nuclei"])
+    w.tta.value = True
+    assert w.tta.enabled and w.tta.value
+    w.models.add_folder(checkpoints["liver"])
+    assert not w.tta.enabled and not w.tta.value and "side" in w.tta.tooltip
+    w.models.add_folder(checkpoints["nuclei"])
+    assert w.tta.enabled
+    w.modality.value = "ct"
+    assert not w.tta.enabled
+    w.modality.value = "microscopy"
+    assert w.tta.enabled
