@@ -366,6 +366,10 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             model.load_state_dict({k: v.float() for k, v in shipped.state_dict().items()})
             start = dict(step=int(rec["step"]), cpu_seconds=float(rec["cpu_hours"]) * 3600,
                          best_dice=float(rec["best_val_dice"]))
+            # the run's history travels with its weights: where it started from, and each change of machine
+            info["warm_start"] = rec.get("warm_start")
+            info["continued"] = [*(rec.get("continued") or []), {
+                "step": start["step"], "cpu_hours": round(float(rec["cpu_hours"]), 4), "host": rec.get("host")}]
             log(rd, f"no run folder state on this machine: warm start from the shipped weights {shipped_folder(entry)}"
                     f" (campaign step {start['step']}, {rec['cpu_hours']:.2f} CPU-h so far), fresh optimizer")
         else:
@@ -469,7 +473,8 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
 def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
     """What a shipped model's config keeps of its run, so that a new machine can continue it."""
     keys = ("name", "arch", "task", "recipe", "recipe_digest", "steps", "step", "best_val_dice", "best_step",
-            "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "n_train", "n_val")
+            "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "continued", "n_train",
+            "n_val")
     out = {k: rec.get(k) for k in keys}
     out["run"] = out.pop("name")
     return out

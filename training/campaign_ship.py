@@ -157,10 +157,15 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         src = Path(warm["source"])
         repo = Path(__file__).resolve().parents[1]
         shown = src.relative_to(repo).as_posix() if src.is_absolute() and src.is_relative_to(repo) else str(src)
-        if shown.startswith("napari_sdunet/weights/"):
-            shown = f"the shipped `{src.name}` weights of that time (git history of `{shown}`)"
+        if "napari_sdunet/weights/" in src.as_posix():  # this checkout's, or a campaign worktree's
+            shown = (f"the shipped `{src.name}` weights of that time "
+                     f"(git history of `napari_sdunet/weights/{src.name}`)")
         warm_txt = (f"{shown} ({warm['copied']}/{warm['total']} tensors copied where name and shape "
                     f"match; {warm['gates_opened']} ResSDN gates opened towards the copied conv)")
+    for c in rec.get("continued") or []:
+        warm_txt += (f"; continued on a new machine at step {c['step']} ({c['cpu_hours']:.2f} CPU-h before, on "
+                     f"{c.get('host') or 'another host'}) from this run's own shipped weights, with a fresh optimizer "
+                     "(run folders do not survive a change of machine; the learning curve holds the steps since then)")
     aug = ", ".join(f"{k}={v}" for k, v in r.augment.items()) or "none"
     spe = rec.get("steps_per_epoch") or 1
     lines = [

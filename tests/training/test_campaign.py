@@ -230,6 +230,12 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
     assert rec["finished"] and rec["step"] == 8
     rows = (camp.run_dir(entry) / "log.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [8]  # validations continue the step count
+    # the finished run's card and record keep its history: where it started from and the change of machine
+    folder = ship.ship_run(entry, camp, data_root=str(data), force=True)
+    rec = json.loads((folder / "config.json").read_text())["campaign"]
+    assert rec["finished"] and rec["warm_start"] == cfg["campaign"]["warm_start"]
+    assert [c["step"] for c in rec["continued"]] == [4]
+    assert "continued on a new machine at step 4" in (folder / "README.md").read_text()
 
 
 def test_warm_start_maps_a_unet_onto_an_sdunet(tmp_path):
