@@ -165,7 +165,7 @@ def augment_config(augment: bool, intensity: float, gamma: bool, flips: bool = T
 
 
 def augment_text(augment: AugmentConfig) -> str:
-    """What the augmentation does, in words (the model card and the widget's summary)."""
+    """What the augmentation does, in words (for the model card)."""
     kinds = [name for name, on in (("flips", augment.flips), ("rotations", augment.rot90),
                                    ("zoom", tuple(augment.scale) != (1.0, 1.0)),
                                    ("intensity", augment.intensity > 0 or augment.gamma > 0)) if on]
