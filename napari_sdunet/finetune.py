@@ -529,8 +529,6 @@ def run_record(ft: FinetuneConfig, base_folder: Path, base_config: dict[str, Any
         "batch_size": ft.batch_size,
         "trainable": ft.trainable,
         "augment": ft.augment,
-        "augmentation": augment_text(augment_config(ft.augment, ft.augment_intensity, ft.augment_gamma,
-                                                    flips_allowed(base_config.get("preprocessing") or {}))),
         "freeze_bn": ft.freeze_bn,
         "device": str(device),
         "seconds": round(fit_res.seconds, 2),
@@ -655,6 +653,7 @@ def finetune(
         info = run_record(ft, base_folder, config, train_frames, val_frames, val_given, fit_res, kept_base,
                           dev, dice_on, dice_before, dice_after)
         info["precision"] = "bf16 autocast" if cfg.cpu_bf16 else "fp32"
+        info["augmentation"] = augment_text(augment)
         status(f"saving to {output}")
         name = name or output.name
         card = model_card(name, base_folder.name, info, config.get("task"))

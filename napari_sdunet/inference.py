@@ -138,6 +138,12 @@ def effective_preprocessing(config: dict[str, Any], modality: str | None = None,
     return prep
 
 
+def tta_flips_allowed(config: dict[str, Any], modality: str | None = None,
+                      ct_window: Sequence[float] | None = None) -> bool:
+    """Whether test-time flips run for this model with the user's modality and window (not for CT)."""
+    return flips_allowed(effective_preprocessing(config, modality, ct_window))
+
+
 def model_orientation(loaded: LoadedModel) -> tuple[str, ...]:
     """Orientation a NIfTI volume is turned into before prediction (the model's, else the CT sets')."""
     from .io import TRAINING_ORIENTATION

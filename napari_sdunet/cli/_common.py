@@ -91,10 +91,9 @@ def check_model_options(args: argparse.Namespace) -> None:
 
 def note_tta(loaded: Any, args: argparse.Namespace) -> None:
     """Say when --tta cannot flip for this model (CT: the anatomy has a side), rather than ignore it silently."""
-    from ..inference import effective_preprocessing
-    from ..tasks import flips_allowed
+    from ..inference import tta_flips_allowed
 
-    if args.tta and not flips_allowed(effective_preprocessing(loaded.config, args.modality, args.ct_window)):
+    if args.tta and not tta_flips_allowed(loaded.config, args.modality, args.ct_window):
         print(f"note: --tta has no effect with {loaded.name}: CT slices have a side (the liver is on the "
               "patient's right), so mirrored slices would show an anatomy the model never saw", file=sys.stderr)
 

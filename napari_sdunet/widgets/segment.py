@@ -18,7 +18,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label,
 from ..axes import AXES, propose_layer_axes
 from ..devices import PRECISIONS
 from ..events import Progress, status
-from ..tasks import DEFAULT_CT_WINDOW, MODALITIES, WINDOW, flips_allowed, intensity_rule
+from ..tasks import DEFAULT_CT_WINDOW, MODALITIES, WINDOW, intensity_rule
 from ._common import JobRunner, LayerCombo, ModelPicker, device_combo, notify_error
 
 
@@ -164,10 +164,9 @@ class SegmentWidget(Container):
 
     def _update_tta_enabled(self) -> None:
         """Test-time flips only where a mirrored image means the same (not CT: the anatomy has a side)."""
-        from ..inference import effective_preprocessing
+        from ..inference import tta_flips_allowed
 
-        prep = effective_preprocessing({"preprocessing": getattr(self, "_model_prep", {})}, self.modality.value)
-        allowed = flips_allowed(prep)
+        allowed = tta_flips_allowed({"preprocessing": getattr(self, "_model_prep", {})}, self.modality.value)
         self.tta.enabled = allowed
         if not allowed:
             self.tta.value = False
