@@ -93,6 +93,12 @@ def score(model_ref: str, shift: str, eval_data, groups: dict[str, list[int]] | 
             out["by_group"] = {
                 g: round(float(summarize([preds[i] for i in idx], [eval_data[i][1] for i in idx])["dice"]), 4)
                 for g, idx in groups.items()}
+            # which kind of error: a fine-tuned model that over-segments other videos (false-positive
+            # pixels) fails differently from one that forgets their polyps (false-negative pixels)
+            out["errors_by_group"] = {
+                g: {"fp_px": int(sum((preds[i] & ~eval_data[i][1]).sum() for i in idx)),
+                    "fn_px": int(sum((~preds[i] & eval_data[i][1]).sum() for i in idx))}
+                for g, idx in groups.items()}
     clear_cache()
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
 
@@ -192,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
               + (f", 3-D {after['dice_3d']:.4f}" if "dice_3d" in after else "")
               + (f" {after['by_group']}" if "by_group" in after else "")
               + f"  (gain {after['dice'] - before['dice']:+.4f})")
+        if "errors_by_group" in after:
+            print("  error pixels (false positive / false negative), before -> after: " + "; ".join(
+                f"{g}: FP {before['errors_by_group'][g]['fp_px']} -> {e['fp_px']}, "
+                f"FN {before['errors_by_group'][g]['fn_px']} -> {e['fn_px']}"
+                for g, e in after["errors_by_group"].items()), flush=True)
         print(f"  {res.steps} steps ({res.stopped_by}; kept step {res.best_step}), {res.n_train} train / "
               f"{res.n_val} held-out frames, wall {wall:.0f} s, CPU {cpu:.0f} s; held-out Dice "
               f"{res.dice_before:.4f} -> {res.dice_after:.4f}; validations {vals}", flush=True)
@@ -207,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             "dice_after": after["dice"], "dice_after_sd": after["dice_sd"],
             "dice_3d_before": before.get("dice_3d"), "dice_3d_after": after.get("dice_3d"),
             "by_group_before": before.get("by_group"), "by_group_after": after.get("by_group"),
+            "errors_by_group_before": before.get("errors_by_group"),
+            "errors_by_group_after": after.get("errors_by_group"),
             "gain": after["dice"] - before["dice"], "steps": res.steps, "stopped_by": res.stopped_by,
             "best_step": res.best_step, "wall_s": wall, "cpu_s": cpu, "train_s": res.seconds,
             "val_dice_before": res.dice_before, "val_dice_after": res.dice_after, "validations": vals,

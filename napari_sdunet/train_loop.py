@@ -42,6 +42,7 @@ class FitConfig:
     val_every: int = 0
     patience: int | None = 30
     amp: bool = True  # float16 autocast + grad scaling on CUDA
+    cuda_bf16: bool = False  # with ``amp``: bfloat16 autocast on CUDA instead (no grad scaling: fp32's range)
     cpu_bf16: bool = False  # bfloat16 autocast on CPU: ~2x faster steps where the CPU has AVX-512 BF16 / AMX
     seed: int = 0
     num_workers: int = 0
@@ -319,8 +320,8 @@ def fit(
     val_every = cfg.val_every or steps_per_epoch
     lr_factor(cfg, 0, total)  # rejects an unknown schedule before any work
     use_amp = cfg.amp and dev.type == "cuda"
-    use_bf16 = cfg.cpu_bf16 and dev.type == "cpu"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    use_bf16 = (cfg.cpu_bf16 and dev.type == "cpu") or (use_amp and cfg.cuda_bf16)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not use_bf16)
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16
 
     val = Validator(val_set, cfg.val_batch_size or cfg.batch_size, dev, cfg.val_flip_tta,

@@ -207,15 +207,44 @@ def val_batch_size(r: Recipe) -> int:
     return max(1, min(r.batch_size, 2 * per_batch // (int(r.val_crop) ** 2)))
 
 
-def build_data(entry: RunEntry, data_root: str | None = None, limit: int | None = None):
-    """(train BatchSource, val SegDataset, preprocessing record) of a run's recipe."""
-    from .datasets import load_native, load_split
+def data_identity(entry: RunEntry) -> dict[str, Any]:
+    """What decides a run's training and validation tensors (runs that share it share their data)."""
     from .runner import preprocessing_for
 
     r = entry.recipe
+    prep = {} if r.native else preprocessing_for(r.task, r.input_size)
+    return {"task": r.task, "source": r.source, "native": r.native, "input_size": prep.get("input_size"),
+            "ct_window": prep.get("ct_window")}
+
+
+def recipe_split(entry: RunEntry, split: str, data_root: str | None = None, limit: int | None = None):
+    """The run's ``split`` ("train" or "val") as its recipe loads it, before validation crops and batching."""
+    from .datasets import load_native, load_split
+
+    d = data_identity(entry)
+    if d["native"]:
+        return load_native(d["task"], split, source=d["source"], data_root=data_root, limit=limit)
+    return load_split(d["task"], split, source=d["source"], data_root=data_root, size=d["input_size"],
+                      ct_window=d["ct_window"], limit=limit)
+
+
+def build_data(entry: RunEntry, data_root: str | None = None, limit: int | None = None,
+               pack: str | os.PathLike | None = None):
+    """(train BatchSource, val SegDataset, preprocessing record) of a run's recipe.
+
+    ``pack``: a folder written by ``campaign pack`` (a lent GPU's call carries it instead of the data):
+    the splits come from there, the same tensors the data folders give.
+    """
+    from .runner import preprocessing_for
+
+    r = entry.recipe
+    if pack is not None:
+        from .campaign_device import packed_split
+
+        tr, val = (packed_split(pack, entry, s, limit) for s in ("train", "val"))
+    else:
+        tr, val = (recipe_split(entry, s, data_root, limit) for s in ("train", "val"))
     if r.native:
-        tr = load_native(r.task, "train", source=r.source, data_root=data_root, limit=limit)
-        val = load_native(r.task, "val", source=r.source, data_root=data_root, limit=limit)
         val = val.center_crops(int(r.val_crop))
         patch = r.patch or list(TASKS[r.task].preprocessing.input_size)
         train = tr.batches(r.batch_size, patch=patch, augment=_augment(r), seed=entry.seed)
@@ -223,9 +252,6 @@ def build_data(entry: RunEntry, data_root: str | None = None, limit: int | None 
         prep.update(mode="tiles", tile_size=list(r.tile_size), tile_overlap=int(r.tile_overlap))
         return train, val, prep
     prep = preprocessing_for(r.task, r.input_size)
-    common = dict(source=r.source, data_root=data_root, size=prep["input_size"], ct_window=prep["ct_window"])
-    tr = load_split(r.task, "train", limit=limit, **common)
-    val = load_split(r.task, "val", limit=limit, **common)
     train = tr.batches(r.batch_size, patch=r.patch, augment=_augment(r), seed=entry.seed)
     return train, val, prep
 
@@ -245,6 +271,25 @@ def shipped_campaign_record(entry: RunEntry) -> dict[str, Any] | None:
     if rec and rec.get("run") == entry.name and rec.get("recipe_digest") == entry.recipe.digest():
         return rec
     return None
+
+
+def continuation(entry: RunEntry, camp: Campaign) -> tuple[Path, dict[str, Any], str] | None:
+    """(weights folder, campaign record, what) that an unfinished run without resume state continues from:
+    its shipped weights, or the best weights ``campaign import`` brought from another machine (a lent
+    GPU); the later step wins."""
+    options = []
+    rec = shipped_campaign_record(entry)
+    if rec is not None:
+        options.append((int(rec["step"]), shipped_folder(entry), rec, "the shipped weights"))
+    rd = camp.run_dir(entry)
+    if (rd / "run.json").is_file() and (rd / "model" / "config.json").is_file():
+        imp = json.loads((rd / "run.json").read_text())
+        if imp.get("imported") and imp.get("recipe_digest") == entry.recipe.digest():
+            options.append((int(imp["step"]), rd / "model", imp, f"the weights imported from {imp.get('host')}"))
+    if not options:
+        return None
+    _, folder, rec, what = max(options, key=lambda o: o[0])
+    return folder, rec, what
 
 
 def initial_weights(entry: RunEntry, camp: Campaign) -> str | None:
@@ -305,10 +350,21 @@ def choose_precision(model, train, steps: int = 2) -> dict[str, Any]:
 # -- one run ----------------------------------------------------------------------------------------
 
 class _Stop:
-    """SIGTERM / SIGINT ask the run to save and stop; a second signal stops at once."""
+    """SIGTERM / SIGINT ask the run to save and stop; a second signal stops at once.
 
-    def __init__(self) -> None:
+    ``deadline`` (``time.time()`` seconds): the wall-clock end of the whole command (``--max-minutes``,
+    e.g. a lent GPU's few minutes); the run saves and stops there as on SIGTERM.
+    """
+
+    def __init__(self, deadline: float | None = None) -> None:
         self.asked = False
+        self.deadline = deadline
+
+    def due(self) -> bool:
+        if not self.asked and self.deadline is not None and time.time() >= self.deadline:
+            self.asked = True
+            print("time limit (--max-minutes) reached: saving the state and stopping after this step", flush=True)
+        return self.asked
 
     def __call__(self, signum, frame) -> None:
         if self.asked:
@@ -331,10 +387,33 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def resolve_device(device: str = "cpu") -> str:
+    """"cpu", "cuda", or "auto" (CUDA when torch sees a GPU, else the CPU)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CampaignError("--device cuda: torch sees no CUDA GPU here")
+    if device not in ("cpu", "cuda"):
+        raise CampaignError(f"device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def host_gpu() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name()} (CUDA)"
+
+
 def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, threads: int | None = None,
               limit: int | None = None, stop: _Stop | None = None, precision: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one run until its steps, budget, early stop or a stop signal; returns its record."""
+              progress: bool = True, device: str = "cpu", pack: str | None = None) -> dict[str, Any]:
+    """Train (or resume) one run until its steps, budget, early stop or a stop signal; returns its record.
+
+    ``device="cuda"``: the same run on a GPU (bf16 autocast unless ``precision="fp32"``; the SD layers take
+    the Triton sweep there); its hours are counted and recorded like CPU-hours, its host is the GPU's name.
+    """
     import torch
 
     from napari_sdunet.checkpoint import load_checkpoint
@@ -346,11 +425,12 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
 
     rd = camp.run_dir(entry)
     rd.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
     n_threads = threads or physical_cores()
     torch.set_num_threads(n_threads)
-    host = host_cpu()
+    host = host_gpu() if device == "cuda" else host_cpu()
     r = entry.recipe
-    train, val, prep = build_data(entry, data_root, limit)
+    train, val, prep = build_data(entry, data_root, limit, pack)
     torch.manual_seed(entry.seed)
     model = create_model(entry.arch, r.task, **r.model)
     state = rd / "state"
@@ -360,9 +440,10 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     if (state / "state.json").is_file():
         log(rd, f"resuming from {state} (weights, optimizer, step, RNG states)")
     else:
-        rec = shipped_campaign_record(entry)
-        if rec is not None:
-            shipped, _ = load_checkpoint(shipped_folder(entry))
+        cont = continuation(entry, camp)
+        if cont is not None:
+            folder, rec, what = cont
+            shipped, _ = load_checkpoint(folder)
             model.load_state_dict({k: v.float() for k, v in shipped.state_dict().items()})
             start = dict(step=int(rec["step"]), cpu_seconds=float(rec["cpu_hours"]) * 3600,
                          best_dice=float(rec["best_val_dice"]))
@@ -370,7 +451,8 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             info["warm_start"] = rec.get("warm_start")
             info["continued"] = [*(rec.get("continued") or []), {
                 "step": start["step"], "cpu_hours": round(float(rec["cpu_hours"]), 4), "host": rec.get("host")}]
-            log(rd, f"no run folder state on this machine: warm start from the shipped weights {shipped_folder(entry)}"
+            info.pop("imported", None)
+            log(rd, f"no run folder state on this machine: warm start from {what} {folder}"
                     f" (campaign step {start['step']}, {rec['cpu_hours']:.2f} CPU-h so far), fresh optimizer")
         else:
             src = initial_weights(entry, camp)
@@ -382,7 +464,10 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             else:
                 info["warm_start"] = None
                 log(rd, "training from scratch (random initialisation)")
-    if precision is None:
+    if precision is None and device == "cuda":
+        choice = {"precision": "bf16", "step_seconds": {}}
+        log(rd, f"on {host}: bf16 autocast + channels_last (no timing: a GPU's bf16 is its fast path)")
+    elif precision is None:
         if info.get("host") == host and info.get("threads") == n_threads and "precision" in info:
             choice = {"precision": info["precision"], "step_seconds": info["step_seconds"]}
             log(rd, f"precision {choice['precision']} (measured earlier on this host: {choice['step_seconds']} s/step)")
@@ -393,13 +478,14 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     else:
         choice = {"precision": precision, "step_seconds": info.get("step_seconds", {})}
     info.update(name=entry.name, arch=entry.arch, task=r.task, recipe=r.name, recipe_digest=r.digest(),
-                steps=entry.steps, host=host, threads=n_threads, precision=choice["precision"],
+                steps=entry.steps, host=host, threads=n_threads, precision=choice["precision"], device=device,
                 step_seconds=choice["step_seconds"], steps_per_epoch=train.steps_per_epoch,
                 n_train=len(train), n_val=len(val), preprocessing=prep)
     _write_json(info_path, info)
     cfg = FitConfig(epochs=math.ceil(entry.steps / train.steps_per_epoch) + 1, max_steps=entry.steps, lr=r.lr,
                     batch_size=r.batch_size, weight_decay=r.weight_decay, val_every=r.val_every,
                     patience=r.patience, cpu_bf16=choice["precision"] == "bf16", seed=entry.seed,
+                    amp=device == "cuda" and choice["precision"] == "bf16", cuda_bf16=True,
                     lr_schedule="cosine", warmup_steps=r.warmup_steps, min_lr_factor=r.min_lr_factor,
                     optimizer=r.optimizer, channels_last=True, state_every_s=camp.state_every_s,
                     grad_clip=r.grad_clip, validate_on_stop=False, val_batch_size=val_batch_size(r))
@@ -433,7 +519,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             print(f"  {entry.name} step {p.step}/{p.total_steps} loss {p.loss:.4f} ({rate:.2f} s/step)", flush=True)
 
     def should_stop() -> bool:
-        if stop.asked:
+        if stop.due():
             return True
         if budget_s is not None and known_cpu[0] + time.process_time() - cpu_start > budget_s:
             log(rd, f"CPU budget of {entry.budget_cpu_hours} h reached")
@@ -448,7 +534,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
         known_cpu[0] = float(meta.get("cpu_seconds", 0.0))
     log(rd, f"training {entry.arch} on {r.task} (recipe {r.name}): step {start_step} of {entry.steps}, "
             f"{train.steps_per_epoch} steps/epoch, batch {r.batch_size}, patch {train.patch}")
-    res = fit(model, train, val, cfg, device="cpu", on_progress=on_progress, should_stop=should_stop,
+    res = fit(model, train, val, cfg, device=device, on_progress=on_progress, should_stop=should_stop,
               state_dir=state, state_every=None, start_step=start["step"],
               start_cpu_seconds=start["cpu_seconds"], start_best_dice=start["best_dice"])
     finished = not res.cancelled or (budget_s is not None and res.cpu_seconds > budget_s)
@@ -474,7 +560,7 @@ def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
     """What a shipped model's config keeps of its run, so that a new machine can continue it."""
     keys = ("name", "arch", "task", "recipe", "recipe_digest", "steps", "step", "best_val_dice", "best_step",
             "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "continued", "n_train",
-            "n_val")
+            "n_val", "device", "imported")
     out = {k: rec.get(k) for k in keys}
     out["run"] = out.pop("name")
     return out
@@ -482,9 +568,16 @@ def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 def run_campaign(camp: Campaign, *, only: list[str] | None = None, data_root: str | None = None,
                  threads: int | None = None, limit: int | None = None, ship: bool = True,
-                 precision: str | None = None) -> int:
-    """Train the unfinished runs in order (one at a time) until all are done or a signal stops it."""
-    stop = _Stop()
+                 precision: str | None = None, device: str = "cpu", max_minutes: float | None = None,
+                 pack: str | None = None) -> int:
+    """Train the unfinished runs in order (one at a time) until all are done, a signal stops it, or
+    ``max_minutes`` of wall time have passed."""
+    if only:
+        unknown = sorted(set(only) - {e.name for e in camp.runs})
+        if unknown:
+            raise CampaignError(f"no run named {', '.join(unknown)} in {camp.path}")
+    device = resolve_device(device)
+    stop = _Stop(deadline=time.time() + max_minutes * 60 if max_minutes else None)
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for entry in camp.runs:
@@ -494,13 +587,15 @@ def run_campaign(camp: Campaign, *, only: list[str] | None = None, data_root: st
             if (rd / "done.json").is_file() or (shipped_campaign_record(entry) or {}).get("finished"):
                 continue  # finished here, or finished elsewhere and shipped by this recipe
             rec = train_run(entry, camp, data_root=data_root, threads=threads, limit=limit, stop=stop,
-                            precision=precision)
+                            precision=precision, device=device, pack=pack)
             if stop.asked:
                 return 0
             if rec["finished"] and ship and entry.ship:
                 from .campaign_ship import ship_run
 
                 ship_run(entry, camp, data_root=data_root, limit=limit)
+            if stop.due():
+                return 0
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -519,6 +614,8 @@ def status_rows(camp: Campaign) -> list[dict[str, Any]]:
         if (rd / "state" / "state.json").is_file():
             meta = json.loads((rd / "state" / "state.json").read_text())
         shipped = shipped_campaign_record(entry) if not meta else None
+        if not meta and info.get("imported"):  # brought from another machine: its record is the latest
+            shipped = {k: info.get(k) for k in ("step", "cpu_hours", "best_val_dice", "finished")}
         if not info and shipped:  # finished on another machine: what its shipped record says
             info = {k: shipped[k] for k in ("precision", "host", "threads") if k in shipped}
         step = int(meta.get("step", (shipped or {}).get("step", 0)))
@@ -534,7 +631,7 @@ def status_rows(camp: Campaign) -> list[dict[str, Any]]:
             eta_h = min(eta_h, max(0.0, entry.budget_cpu_hours - cpu_h) / max(1, info.get("threads", 1)))
         rows.append({
             "run": entry.name, "state": "done" if done else ("started" if meta else (
-                "shipped" if shipped else "queued")),
+                "imported" if info.get("imported") else "shipped" if shipped else "queued")),
             "step": step, "steps": entry.steps,
             "epoch": f"{step / spe:.1f}/{entry.steps / spe:.1f}" if spe else "-",
             "best_val_dice": None if best is None or best < 0 else round(float(best), 4),
@@ -566,7 +663,12 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, help_ in (("run", "train the unfinished runs, one at a time"),
                         ("status", "print where each run stands"),
-                        ("ship", "write a run's best weights into the package (fp16 + card)")):
+                        ("ship", "write a run's best weights into the package (fp16 + card)"),
+                        ("pack", "write what some runs need (data splits, start weights) into one folder, "
+                                 "for a machine without ../shared/data (a lent GPU)"),
+                        ("export", "write runs' best weights, records and logs as a few small files "
+                                   "(to bring them back from a lent GPU)"),
+                        ("import", "turn exported files into run folders here, ready for `campaign ship`")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("file", help="campaign TOML file, e.g. training/campaign.toml")
         p.add_argument("--runs-dir", help="run folders (default: $SDUNET_RUNS, the file's runs_dir, "
@@ -574,6 +676,11 @@ def main(argv: list[str]) -> int:
         p.add_argument("--data-root", help="folder holding nuclei/, polyps/, ... (default ../shared/data)")
         if name == "run":
             p.add_argument("--only", nargs="+", help="run only these runs (by name)")
+            p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                           help="cpu (default), cuda, or auto (CUDA when torch sees a GPU)")
+            p.add_argument("--max-minutes", type=float,
+                           help="save and stop after this many minutes of wall time (a lent GPU's call)")
+            p.add_argument("--pack", help="read the data from a `campaign pack` folder instead of --data-root")
             p.add_argument("--threads", type=int, help="torch threads (default: the physical cores)")
             p.add_argument("--precision", choices=["fp32", "bf16"], help="skip the timing and use this")
             p.add_argument("--limit", type=int, help="at most this many images per split (smoke tests)")
@@ -583,6 +690,22 @@ def main(argv: list[str]) -> int:
             p.add_argument("--partial", action="store_true",
                            help="ship the best weights so far of an unfinished run")
             p.add_argument("--limit", type=int, help="at most this many test images (smoke tests)")
+        if name in ("pack", "export"):
+            p.add_argument("runs", nargs="+", help="run names")
+            p.add_argument("--out", required=True, help="folder to write")
+            p.add_argument("--max-part-mb", type=float, default=15.0,
+                           help="largest file written (default 15 MiB: the device tool brings back <= 16 MiB)")
+        if name == "pack":
+            p.add_argument("--max-mb", type=float, default=56.0,
+                           help="refuse a pack larger than this (default 56 MiB: a device call carries "
+                                "64 MiB with the code)")
+            p.add_argument("--limit", type=int, help="at most this many images per split (smoke tests)")
+        if name == "export":
+            p.add_argument("--half", action="store_true", help="fp16 weights (half the files; fp32 by default)")
+        if name == "import":
+            p.add_argument("folder", help="the exported files (e.g. the device call's files_at)")
+            p.add_argument("--force", action="store_true",
+                           help="replace a run folder here that has its own saved state (it is kept aside)")
         if name == "status":
             p.add_argument("--json", action="store_true")
             p.add_argument("--markdown", action="store_true", help="a markdown table (training/CAMPAIGN.md)")
@@ -593,6 +716,18 @@ def main(argv: list[str]) -> int:
             rows = status_rows(camp)
             print(json.dumps(rows, indent=2) if a.json else format_status(rows, markdown=a.markdown))
             return 0
+        if a.cmd in ("pack", "export", "import"):
+            from . import campaign_device as dev
+
+            if a.cmd == "pack":
+                out = dev.pack_runs(camp, a.runs, a.out, data_root=a.data_root, limit=a.limit,
+                                    max_mb=a.max_mb, max_part_mb=a.max_part_mb)
+            elif a.cmd == "export":
+                out = dev.export_runs(camp, a.runs, a.out, half=a.half, max_part_mb=a.max_part_mb)
+            else:
+                out = dev.import_runs(camp, a.folder, force=a.force)
+            print(json.dumps(out, indent=2))
+            return 0
         if a.cmd == "ship":
             from .campaign_ship import ship_run
 
@@ -602,7 +737,8 @@ def main(argv: list[str]) -> int:
             print(ship_run(entry, camp, data_root=a.data_root, partial=a.partial, limit=a.limit, force=True))
             return 0
         return run_campaign(camp, only=a.only, data_root=a.data_root, threads=a.threads, limit=a.limit,
-                            ship=not a.no_ship, precision=a.precision)
+                            ship=not a.no_ship, precision=a.precision, device=a.device,
+                            max_minutes=a.max_minutes, pack=a.pack)
     except CampaignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

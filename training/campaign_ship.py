@@ -28,13 +28,14 @@ NATIVE_TERMS = ("2018 Data Science Bowl stage1_train (BBBC038), all 670 images a
 
 
 def _best_weights(entry: RunEntry, camp: Campaign, partial: bool) -> torch.nn.Module:
-    """The run's best model: its finished ``model/`` folder, or (partial) the best weights in its state."""
+    """The run's best model: its finished ``model/`` folder, or (partial) the best weights in its state,
+    or (partial, no state here) the best weights ``campaign import`` brought from another machine."""
     from safetensors.torch import load_file
 
     from napari_sdunet.models import create_model
 
     rd = camp.run_dir(entry)
-    if not partial:
+    if not partial or not (rd / "state" / "state.safetensors").is_file() and (rd / "model" / "config.json").is_file():
         model, _ = load_checkpoint(rd / "model")
         return model
     tensors = load_file(str(rd / "state" / "state.safetensors"))

@@ -33,6 +33,18 @@ def test_fast_is_registered_first_for_cpu():
     assert pick_impl(torch.zeros(1, 2, 3, 3, dtype=torch.float16)) != "fast"
 
 
+def test_an_environment_variable_replaces_auto(monkeypatch):
+    """$NAPARI_SDUNET_SWEEP: the way out when a fast path misbehaves on a machine (a new GPU)."""
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP", "loop")
+    assert pick_impl(torch.zeros(1, 2, 3, 3)) == "loop"
+    assert pick_impl(torch.zeros(1, 2, 3, 3), "fast") == "fast"  # a named impl is kept
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP", "nope")
+    with pytest.raises(ValueError, match="NAPARI_SDUNET_SWEEP='nope'"):
+        pick_impl(torch.zeros(1, 2, 3, 3))
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP", "auto")
+    assert pick_impl(torch.zeros(1, 2, 3, 3)) == "fast"
+
+
 @pytest.mark.parametrize("direction", [0, 1, 2, 3])
 @pytest.mark.parametrize("hw", SHAPES)
 @pytest.mark.parametrize("impl", ["fast", "fast_py", "naive"])

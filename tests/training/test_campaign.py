@@ -195,10 +195,7 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
     camp = load_campaign(write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=8))
     entry = camp.runs[0]
 
-    class StopAt:
-        asked = False
-
-    stop = StopAt()
+    stop = campaign._Stop()
     import napari_sdunet.train_loop as tl
 
     real_fit = tl.fit

@@ -133,9 +133,21 @@ def _load_optional_impls() -> None:
 
 
 def pick_impl(x: torch.Tensor, impl: str = "auto") -> str:
-    """Resolve ``impl`` ("auto" or a name) to a registered implementation that can run on ``x``."""
+    """Resolve ``impl`` ("auto" or a name) to a registered implementation that can run on ``x``.
+
+    ``$NAPARI_SDUNET_SWEEP`` (a name) replaces "auto": the way out when a fast path misbehaves on a
+    machine (e.g. ``loop`` where the Triton kernels fail on a new GPU), without touching the code.
+    """
     _load_optional_impls()
     if impl == "auto":
+        import os
+
+        forced = os.environ.get("NAPARI_SDUNET_SWEEP", "").strip()
+        if forced and forced != "auto":
+            if forced not in _IMPLS:
+                raise ValueError(f"NAPARI_SDUNET_SWEEP={forced!r} is not a sweep implementation; "
+                                 f"have {sorted(_IMPLS)}")
+            return forced
         for name in AUTO_ORDER:
             if name in _IMPLS and _AVAILABLE[name](x):
                 return name
