@@ -51,6 +51,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in blocks (the checksum config.json and the campaign's files carry)."""
+    return _sha256(Path(path))
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     folder: str | os.PathLike,

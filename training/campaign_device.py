@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_sdunet.checkpoint import file_sha256 as _sha256
+
 from .campaign import (
     Campaign,
     CampaignError,
@@ -53,12 +55,6 @@ def _data_key(entry: RunEntry, split: str, limit: int | None) -> str:
     return f"{entry.task}-{split}-{digest}.npz"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- data ---------------------------------------------------------------------------------------------
