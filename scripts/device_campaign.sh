@@ -3,6 +3,7 @@
 #
 #   here:    bash scripts/device_campaign.sh prepare sdnunet-polyps      # pack data + start weights, weights out of the index
 #   device:  run(command="bash scripts/device_campaign.sh train 6 sdnunet-polyps", carry=[".pack"], timeout_s=590)
+#            (BENCH=1 bash ... train 3 ...: the GPU benchmark first, then 3 minutes of training)
 #   here:    bash scripts/device_campaign.sh restore                      # the index as it was
 #   here:    bash scripts/device_campaign.sh import /work/.device/...     # the call's files_at; then `campaign ship`
 #
@@ -53,6 +54,12 @@ case "$cmd" in
         tests/models/test_sweep_triton.py >> "$OUT/device.log" 2>&1; then
       echo "Triton sweep check failed: training with NAPARI_SDUNET_SWEEP=loop" | tee -a "$OUT/device.log"
       export NAPARI_SDUNET_SWEEP=loop
+    fi
+    # BENCH=1: also the GPU benchmark of issue 13 (sweeps and training steps, < 4 min) before training
+    if [ "${BENCH:-0}" = 1 ] && [ "$DEVICE" = cuda ]; then
+      timeout 230 "$PY" benchmarks/bench_sdn.py --device cuda --repeats 5 --repeats-96 3 --step-repeats 3 \
+          --impls loop triton triton_bf16 --step-impls auto loop --json "$OUT/bench_gpu.json" \
+          > "$OUT/bench_gpu.md" 2>&1 || echo "benchmark: exit $?" | tee -a "$OUT/device.log"
     fi
     runs=$(IFS=,; echo "$*")
     status=0
