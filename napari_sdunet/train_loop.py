@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ class FitConfig:
     min_lr_factor: float = 0.0  # cosine decays to lr * min_lr_factor
     channels_last: bool = False  # NHWC weights and inputs (faster convolutions on many CPUs)
     state_every_s: float | None = None  # also rewrite the resume state after this many seconds
+    val_metric: str = "image"  # "image" or "group" (per CT volume): see VAL_METRICS
 
 
 def lr_factor(cfg: FitConfig, step: int, total: int) -> float:
@@ -106,19 +107,54 @@ def _dist() -> tuple[int, int]:
 
 
 
+#: validation scores: "image", the mean per-image Dice; "group", the mean over groups (a CT volume's
+#: slices, ``SegDataset.groups``) of the Dice pooled over each group's images, the per-volume 3-D Dice
+#: a liver model is tested with (per-slice means are ruled by a few false pixels on liver-free slices)
+VAL_METRICS = ("image", "group")
+
+
+def dice_score(probs: torch.Tensor, target: torch.Tensor, metric: str = "image",
+               groups: Sequence[str] | None = None, threshold: float = 0.5) -> float:
+    """Dice of thresholded probabilities (N, 1, H, W) against masks by ``metric`` (see :data:`VAL_METRICS`)."""
+    if metric == "image":
+        return float(hard_dice(probs, target, threshold).mean()) if len(probs) else math.nan
+    if metric != "group":
+        raise ValueError(f"val metric must be one of {VAL_METRICS}, got {metric!r}")
+    if groups is None or len(groups) != len(probs) or any(g in ("", None) for g in groups):
+        raise ValueError("the 'group' validation metric needs a group (e.g. the CT volume) for every image")
+    p = (probs > threshold).flatten(1)
+    t = (target > 0.5).flatten(1)
+    inter, den = (p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()
+    scores = []
+    for g in dict.fromkeys(groups):
+        sel = torch.tensor([x == g for x in groups])
+        d = den[sel].sum()
+        scores.append(float(2 * inter[sel].sum() / d) if d > 0 else 1.0)
+    return float(np.mean(scores))
+
+
 @torch.no_grad()
 def evaluate_dice(model: torch.nn.Module, data: Dataset, batch_size: int = 20,
-                  device: str | torch.device = "cpu", flip_tta: bool = False) -> float:
-    """Mean per-image Dice (threshold 0.5, empty/empty = 1) of ``model`` on ``data``."""
+                  device: str | torch.device = "cpu", flip_tta: bool = False, metric: str = "image") -> float:
+    """Dice (threshold 0.5, empty/empty = 1) of ``model`` on ``data``: the mean per image, or per group
+    (``metric="group"``, the groups of a :class:`~napari_sdunet.batches.SegDataset`)."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    scores = []
+    scores, preds, targets = [], [], []
     for x, y in DataLoader(data, batch_size=batch_size):
-        x = x.to(device)
-        scores.append(hard_dice(predict_probabilities(model, x, flip_tta).cpu(), y))
+        p = predict_probabilities(model, x.to(device), flip_tta).cpu()
+        if metric == "image":  # per-image scores: the maps need not be kept
+            scores.append(hard_dice(p, y))
+        else:  # pooled over groups: keep the thresholded maps (uint8)
+            preds.append((p > 0.5).to(torch.uint8))
+            targets.append((y > 0.5).to(torch.uint8))
     model.train(was_training)
-    return float(torch.cat(scores).mean()) if scores else math.nan
+    if metric == "image":
+        return float(torch.cat(scores).mean()) if scores else math.nan
+    if not preds:
+        return math.nan
+    return dice_score(torch.cat(preds), torch.cat(targets), metric, getattr(data, "groups", None))
 
 
 # -- training state for resume (safetensors + JSON, no pickle) -----------------------------------
@@ -239,6 +275,7 @@ class Validator:
     batch_size: int
     device: torch.device
     flip_tta: bool = False
+    metric: str = "image"
     best_dice: float = -1.0
     best_step: int = 0
     checks_since_best: int = 0
@@ -258,7 +295,8 @@ class Validator:
         """Validate at ``step``; keeps the weights when they beat the best (always, without data)."""
         vd = math.nan
         if self.has_data:
-            vd = evaluate_dice(model, self.val_set, self.batch_size, self.device, self.flip_tta) if rank == 0 else 0.0
+            vd = (evaluate_dice(model, self.val_set, self.batch_size, self.device, self.flip_tta, self.metric)
+                  if rank == 0 else 0.0)
             if world > 1:  # every rank must take the same early-stopping decision
                 t = torch.tensor([vd], device=self.device if self.device.type == "cuda" else "cpu")
                 torch.distributed.broadcast(t, 0)
@@ -291,6 +329,7 @@ def fit(
     start_step: int = 0,
     start_cpu_seconds: float = 0.0,
     start_best_dice: float = -1.0,
+    forget_best: bool = False,
 ) -> FitResult:
     """Train ``model`` in place; at the end it holds the best-validation weights.
 
@@ -301,7 +340,8 @@ def fit(
     the state is rewritten every ``state_every`` steps (None: never by count), every
     ``config.state_every_s`` seconds and at the end. Without a saved state, ``start_*`` continue an
     earlier run whose weights the model already holds (on a new machine: from the shipped weights,
-    with a fresh optimizer).
+    with a fresh optimizer). ``forget_best``: resume, but score the best-so-far anew (its validation
+    was measured another way).
     """
     cfg = config
     dev = resolve_device(device)
@@ -324,7 +364,9 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not use_bf16)
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16
 
-    val = Validator(val_set, cfg.val_batch_size or cfg.batch_size, dev, cfg.val_flip_tta,
+    if cfg.val_metric not in VAL_METRICS:
+        raise ValueError(f"val_metric must be one of {VAL_METRICS}, got {cfg.val_metric!r}")
+    val = Validator(val_set, cfg.val_batch_size or cfg.batch_size, dev, cfg.val_flip_tta, cfg.val_metric,
                     best_dice=float(start_best_dice), best_step=int(start_step))
     val.keep(model, int(start_step))
     step = int(start_step)
@@ -335,6 +377,8 @@ def fit(
         val.best_dice, val.best_step, step = meta["best_dice"], meta["best_step"], meta["step"]
         val.checks_since_best, val.history = meta["checks_since_best"], meta["history"]
         cpu_before = float(meta.get("cpu_seconds", 0.0))
+        if forget_best:  # the best-so-far was scored another way: the next validation sets it anew
+            val.best_dice, val.checks_since_best = -1.0, 0
     t0 = time.perf_counter()
     cancelled = stopped_early = False
 

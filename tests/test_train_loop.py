@@ -139,3 +139,51 @@ def test_validation_batch_size_is_its_own_and_leaves_the_dice_unchanged(monkeypa
     model = _small_unet().eval()
     val = _blobs(5, seed=1)
     assert math.isclose(real(model, val, 1), real(model, val, 5), abs_tol=1e-6)
+
+
+def test_group_dice_pools_each_volume_and_ignores_one_slice_specks():
+    """The liver's validation: a few false pixels on a liver-free slice sink the per-slice mean,
+    not the per-volume Dice the liver is tested with."""
+    from napari_sdunet.train_loop import dice_score, evaluate_dice
+
+    t = torch.zeros(4, 1, 8, 8)
+    t[0, 0, 2:6, 2:6] = 1  # volume a: one slice with liver, one without
+    t[2, 0, 0:4, 0:8] = 1  # volume b: 32 liver pixels on slice 2, slice 3 empty
+    p = t.clone()
+    p[1, 0, 0, 0] = 1  # a single false pixel on a's empty slice
+    p[2, 0, 0:2, 0:8] = 0  # b: half its liver missed
+    groups = ["a", "a", "b", "b"]
+    assert math.isclose(dice_score(p, t), (1 + 0 + 2 * 16 / 48 + 1) / 4, abs_tol=1e-6)
+    assert math.isclose(dice_score(p, t, "group", groups), (2 * 16 / 33 + 2 * 16 / 48) / 2, abs_tol=1e-9)
+    assert dice_score(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), "group", ["a", "b"]) == 1.0
+    for bad in (None, ["a", "a", "", "b"], ["a"]):
+        try:
+            dice_score(p, t, "group", bad)
+        except ValueError as e:
+            assert "group" in str(e)
+        else:
+            raise AssertionError("no error without groups")
+    # evaluate_dice: the same numbers from a model on a data set with groups
+    val = _blobs(6, seed=2)
+    val.groups = ["v1", "v1", "v1", "v2", "v2", "v2"]
+    model = _small_unet().eval()
+    from napari_sdunet.train_loop import predict_probabilities
+
+    probs = predict_probabilities(model, val.images, False)
+    assert math.isclose(evaluate_dice(model, val, 4, metric="group"),
+                        dice_score(probs, val.masks, "group", val.groups), abs_tol=1e-9)
+    assert math.isclose(evaluate_dice(model, val, 4), dice_score(probs, val.masks), abs_tol=1e-6)
+
+
+def test_fit_validates_by_the_metric_it_is_given():
+    val = _blobs(6, seed=2)
+    val.groups = ["v1", "v1", "v1", "v2", "v2", "v2"]
+    cfg = FitConfig(epochs=1, lr=5e-3, batch_size=4, patience=None, val_metric="group")
+    res = fit(_small_unet(), _blobs(8), val, cfg, device="cpu")
+    assert res.history and 0 <= res.best_val_dice <= 1
+    try:
+        fit(_small_unet(), _blobs(8), val, FitConfig(epochs=1, val_metric="volume"), device="cpu")
+    except ValueError as e:
+        assert "val_metric" in str(e)
+    else:
+        raise AssertionError("an unknown metric must be refused")

@@ -39,8 +39,11 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "task": None, "source": None, "native": False, "patch": None, "input_size": None, "val_crop": 256,
     "batch_size": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 100,
     "min_lr_factor": 0.02, "val_every": 200, "patience": 12, "tile_size": [256, 256], "tile_overlap": 32,
-    "augment": {}, "grad_clip": None, "model": {},
+    "augment": {}, "grad_clip": None, "model": {}, "val_metric": "image",
 }
+#: keys added after runs were shipped: left out of a recipe's digest while they hold their default, so
+#: that the shipped runs of recipes that do not set them keep their digest (and are not trained again)
+LATER_KEYS = {"val_metric": "image"}
 RUN_KEYS = {"name", "arch", "recipe", "steps", "budget_cpu_hours", "init", "seed", "ship"}
 
 
@@ -70,10 +73,15 @@ class Recipe:
     augment: dict[str, Any]
     grad_clip: float | None
     model: dict[str, Any]  # create_model overrides (e.g. base_filters); empty: the paper preset
+    val_metric: str = "image"  # "image" or "group": the per-volume Dice of the liver (train_loop.VAL_METRICS)
 
     def digest(self) -> str:
         """Short hash of the recipe, so a shipped model is only continued by the recipe that made it."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        d = asdict(self)
+        for k, default in LATER_KEYS.items():
+            if d.get(k) == default:
+                del d[k]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -122,6 +130,8 @@ def load_campaign(path: str | os.PathLike, runs_dir: str | None = None) -> Campa
         vals = {**copy.deepcopy(RECIPE_DEFAULTS), **raw}
         if vals["task"] not in TASKS:
             raise CampaignError(f"recipe {name!r}: task must be one of {sorted(TASKS)}")
+        if vals["val_metric"] not in ("image", "group"):
+            raise CampaignError(f"recipe {name!r}: val_metric must be 'image' or 'group' (per CT volume)")
         recipes[name] = Recipe(name=name, **vals)
     runs, seen = [], set()
     for raw in doc.get("run", []):
@@ -437,8 +447,16 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     info_path = rd / "run.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     start = dict(step=0, cpu_seconds=0.0, best_dice=-1.0)
+    forget_best = False
     if (state / "state.json").is_file():
         log(rd, f"resuming from {state} (weights, optimizer, step, RNG states)")
+        if info.get("recipe_digest") not in (None, r.digest()):
+            forget_best = True
+            meta0 = json.loads((state / "state.json").read_text())
+            info["scoring_changed"] = {"step": int(meta0["step"]), "val_metric": r.val_metric,
+                                       "from_digest": info["recipe_digest"]}
+            log(rd, f"the recipe changed since the state was saved (digest {info['recipe_digest']} -> {r.digest()}): "
+                    f"the best-so-far is scored anew at the next validation (validation: {r.val_metric})")
     else:
         cont = continuation(entry, camp)
         if cont is not None:
@@ -488,7 +506,8 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
                     amp=device == "cuda" and choice["precision"] == "bf16", cuda_bf16=True,
                     lr_schedule="cosine", warmup_steps=r.warmup_steps, min_lr_factor=r.min_lr_factor,
                     optimizer=r.optimizer, channels_last=True, state_every_s=camp.state_every_s,
-                    grad_clip=r.grad_clip, validate_on_stop=False, val_batch_size=val_batch_size(r))
+                    grad_clip=r.grad_clip, validate_on_stop=False, val_batch_size=val_batch_size(r),
+                    val_metric=r.val_metric)
     budget_s = entry.budget_cpu_hours * 3600 if entry.budget_cpu_hours else None
     stop = stop or _Stop()
     t_start = time.perf_counter()
@@ -536,7 +555,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             f"{train.steps_per_epoch} steps/epoch, batch {r.batch_size}, patch {train.patch}")
     res = fit(model, train, val, cfg, device=device, on_progress=on_progress, should_stop=should_stop,
               state_dir=state, state_every=None, start_step=start["step"],
-              start_cpu_seconds=start["cpu_seconds"], start_best_dice=start["best_dice"])
+              start_cpu_seconds=start["cpu_seconds"], start_best_dice=start["best_dice"], forget_best=forget_best)
     finished = not res.cancelled or (budget_s is not None and res.cpu_seconds > budget_s)
     record = dict(info, step=res.steps, best_val_dice=res.best_val_dice, best_step=res.best_step,
                   cpu_hours=round(res.cpu_seconds / 3600, 4), stopped_early=res.stopped_early,
@@ -560,7 +579,7 @@ def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
     """What a shipped model's config keeps of its run, so that a new machine can continue it."""
     keys = ("name", "arch", "task", "recipe", "recipe_digest", "steps", "step", "best_val_dice", "best_step",
             "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "continued", "n_train",
-            "n_val", "device", "imported")
+            "n_val", "device", "imported", "scoring_changed")
     out = {k: rec.get(k) for k in keys}
     out["run"] = out.pop("name")
     return out

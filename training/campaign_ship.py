@@ -23,6 +23,8 @@ from napari_sdunet.train_loop import evaluate_dice
 from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder, val_batch_size
 from .ship import DATA_TERMS, pct
 
+VAL_METRIC_TEXT = {"image": "per image, mean",
+                   "group": "per volume: Dice pooled over each validation volume's slices, mean over volumes"}
 NATIVE_TERMS = ("2018 Data Science Bowl stage1_train (BBBC038), all 670 images at their own resolution (`nuclei/`); "
                 "80/10/10 random split (seed 42): 536 train / 67 val / 67 test")
 
@@ -44,17 +46,19 @@ def _best_weights(entry: RunEntry, camp: Campaign, partial: bool) -> torch.nn.Mo
     return model.eval()
 
 
-def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val, batch_size: int = 8) -> float:
-    """Mean per-image validation Dice of a model fed the way its config says (resized or at native size)."""
+def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val, batch_size: int = 8,
+                metric: str = "image") -> float:
+    """Validation Dice (per image, or per group: ``metric``) of a model fed the way its config says
+    (resized or at native size)."""
+    from napari_sdunet.train_loop import dice_score
+
     from .evaluate import predict_probs
 
     size = config_prep.get("input_size")
     if config_prep.get("mode") == "tiles" or size is None:
-        return evaluate_dice(model, val, batch_size=batch_size)
+        return evaluate_dice(model, val, batch_size=batch_size, metric=metric)
     probs = predict_probs(model, val.images, size)
-    from napari_sdunet.losses import hard_dice
-
-    return float(hard_dice(probs, val.masks.float()).mean())
+    return dice_score(probs, val.masks.float(), metric, val.groups)
 
 
 def native_test(model_folder: Path, task: str, source: str, data_root: str | None, limit: int | None,
@@ -191,8 +195,13 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         f"CPU-hours, on {rec['host']} with {rec['threads']} threads, {rec['precision']} "
         "(chosen by timing steps at start) + channels_last",
         "",
-        "## Validation", f"- best validation Dice (per image, mean) {pct(val_dice)} at step {rec['best_step']}"
+        "## Validation", f"- best validation Dice ({VAL_METRIC_TEXT[entry.recipe.val_metric]}) {pct(val_dice)} "
+                         f"at step {rec['best_step']}"
         + (f"; the model it replaced: {pct(old_val)}" if old_val is not None else ""),
+        *([f"- the recipe changed at step {rec['scoring_changed']['step']}: validation is scored "
+           f"{VAL_METRIC_TEXT[rec['scoring_changed']['val_metric']]} from there on (the learning curve's "
+           "earlier points are scored per image), and the best weights were chosen among the later points"]
+          if rec.get("scoring_changed") else []),
         "- learning curve: ![learning curve](learning_curve.png)", "",
         "## Test metrics (fp16 weights as shipped; the test split was never used for selection)",
         *_metric_lines(r.task, tests), "",
@@ -216,7 +225,8 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     _, val, prep = build_data(entry, data_root, limit)
     model = _best_weights(entry, camp, partial)
     vb = val_batch_size(entry.recipe)  # the run's own validation batch: same memory bound as training
-    new_val = val_dice_of(model, prep, val, vb)
+    metric = entry.recipe.val_metric
+    new_val = val_dice_of(model, prep, val, vb, metric)
     target = (dest / entry.name) if dest else shipped_folder(entry)
     old_val = None
     if (target / "config.json").is_file():
@@ -225,7 +235,7 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
         if same.get("run") == entry.name and same.get("step") == rec.get("step"):  # shipped again (a new card)
             old_val = same.get("replaced_val_dice")
         else:
-            old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val, vb)
+            old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val, vb, metric)
     if old_val is not None and new_val <= old_val and not force:
         log(rd, f"not shipped: validation Dice {new_val:.4f} <= shipped {old_val:.4f}")
         return None

@@ -304,3 +304,62 @@ def test_validation_batches_hold_at_most_twice_a_training_batch_of_pixels():
     sd = by_name["sdunet-nuclei"]  # 12 patches of 96x96, validated on 256x256 crops
     assert val_batch_size(sd) == 3
     assert val_batch_size(by_name["unet-polyps"]) == by_name["unet-polyps"].batch_size  # same size: unchanged
+
+
+def test_digests_of_recipes_without_the_later_keys_are_unchanged():
+    """A key added to recipes later (val_metric) must not change the digest of a recipe that leaves it at
+    its default: shipped runs are recognised as finished by their recipe's digest, so a changed digest
+    would train them again."""
+    import dataclasses
+    import hashlib
+
+    camp = load_campaign(REPO / "training" / "campaign.toml")
+    for entry in camp.runs:
+        d = dataclasses.asdict(entry.recipe)
+        if d["val_metric"] == "image":
+            del d["val_metric"]
+            old = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+            assert entry.recipe.digest() == old
+    # and every finished shipped run still matches its recipe (else `campaign run` would train it again)
+    from training.campaign import shipped_folder
+
+    for entry in camp.runs:
+        cfg = shipped_folder(entry) / "config.json"
+        rec = json.loads(cfg.read_text()).get("campaign") if cfg.is_file() else None
+        if rec and rec.get("finished"):
+            assert rec["recipe_digest"] == entry.recipe.digest(), entry.name
+
+
+@pytest.mark.slow
+def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, one_torch_thread):
+    """Per-volume validation switched on mid-run: the run resumes, and the best is chosen anew."""
+    from training.campaign import _Stop
+
+    data = make_blobs(tmp_path / "data")
+    split = data / "blobs" / "split.csv"
+    rows = split.read_text().splitlines()
+    split.write_text("\n".join([rows[0] + ",volume"] + [f"{r},v{k % 2}" for k, r in enumerate(rows[1:])]) + "\n")
+    resized = TOML.replace("native = true\npatch = [32, 32]", "input_size = [32, 32]")
+    toml = tmp_path / "c.toml"
+    toml.write_text(resized.format(runs=(tmp_path / "runs").as_posix(), steps=8, every=0.0))
+
+    class StopAfter4(_Stop):
+        n = 4
+
+        def due(self) -> bool:
+            self.n -= 1
+            self.asked = self.asked or self.n < 0
+            return self.asked
+
+    camp = load_campaign(toml)
+    train_run(camp.runs[0], camp, data_root=str(data), threads=1, precision="fp32", progress=False,
+              stop=StopAfter4())
+    toml.write_text(toml.read_text().replace('task = "nuclei"', 'task = "nuclei"\nval_metric = "group"'))
+    camp = load_campaign(toml)
+    assert camp.runs[0].recipe.val_metric == "group"
+    rec = train_run(camp.runs[0], camp, data_root=str(data), threads=1, precision="fp32", progress=False)
+    log = (camp.run_dir(camp.runs[0]) / "log.txt").read_text()
+    assert "the recipe changed since the state was saved" in log and "validation: group" in log
+    assert rec["finished"] and rec["step"] == 8 and rec["best_step"] == 8
+    changed = rec["scoring_changed"]
+    assert changed["step"] == 4 and changed["val_metric"] == "group" and changed["from_digest"] != rec["recipe_digest"]
