@@ -111,6 +111,8 @@ def model_summary(config: dict[str, Any]) -> dict[str, Any]:
     campaign = config.get("campaign") or {}  # a model of the training campaign (training/campaign.toml)
     if isinstance(campaign.get("val_dice_shipped"), (int, float)):
         val = campaign["val_dice_shipped"]
+    by_metric = {k: float(v) for k, v in (campaign.get("val_dice_by_metric") or {}).items()
+                 if isinstance(v, (int, float))}
     ft = config.get("finetune") or {}
     ft_dice = ft.get("dice_after")
     return {
@@ -119,6 +121,9 @@ def model_summary(config: dict[str, Any]) -> dict[str, Any]:
         "test_dice": test_dice,
         "test_metric": test_metric,
         "val_dice": float(val) if isinstance(val, (int, float)) else None,
+        # the validation Dice by metric ("image": per image; "group": per CT volume), where recorded
+        "val_dice_by_metric": by_metric,
+        "val_metric": campaign.get("val_metric", "image") if isinstance(val, (int, float)) else None,
         "finetuned_dice": float(ft_dice) if isinstance(ft_dice, (int, float)) else None,
         "finetuned_from": ft.get("base_model"),
     }
@@ -149,17 +154,24 @@ def describe(name: str, summary: dict[str, Any], origin: str) -> str:
 
 def best_shipped_for_task(task: str) -> str | None:
     """The shipped model for ``task`` with the best validation Dice recorded in its ``config.json``
-    (``training`` → ``fit`` → ``best_val_dice``; models without one rank after those with one, then by
-    their recorded test Dice); None when no shipped model is trained for ``task``."""
+    (``campaign`` → ``val_dice_by_metric`` when all validated models of the task record one metric, per
+    CT volume first; else each one's own ``val_dice_shipped`` or ``training`` → ``fit`` → ``best_val_dice``;
+    models without one rank after those with one, then by their recorded test Dice); None when no
+    shipped model is trained for ``task``."""
+    summaries = {name: summary_of(name) for name in list_pretrained()}
+    summaries = {n: s for n, s in summaries.items() if s["task"] == task}
+    if not summaries:
+        return None
+    # rank by a validation metric every validated model records (a liver model validated per volume
+    # must not be ranked against another's per-slice mean); else by each one's own validation Dice
+    validated = [s for s in summaries.values() if s["val_dice"] is not None]
+    common = [m for m in ("group", "image") if validated and all(m in s["val_dice_by_metric"] for s in validated)]
     ranked = []
-    for name in list_pretrained():
-        s = summary_of(name)
-        if s["task"] != task:
-            continue
+    for name, s in summaries.items():
         val = s["val_dice"] if s["val_dice"] is not None else -1.0
+        if common and s["val_dice"] is not None:
+            val = s["val_dice_by_metric"][common[0]]
         test = s["test_dice"] if s["test_dice"] is not None else -1.0
         ranked.append((val, test, name))
-    if not ranked:
-        return None
     ranked.sort(key=lambda r: (-r[0], -r[1], r[2]))
     return ranked[0][2]

@@ -687,7 +687,9 @@ def main(argv: list[str]) -> int:
                                  "for a machine without ../shared/data (a lent GPU)"),
                         ("export", "write runs' best weights, records and logs as a few small files "
                                    "(to bring them back from a lent GPU)"),
-                        ("import", "turn exported files into run folders here, ready for `campaign ship`")):
+                        ("import", "turn exported files into run folders here, ready for `campaign ship`"),
+                        ("rescore", "record shipped models' validation Dice by every metric their task is "
+                                    "ranked by (per image; per CT volume), in their config.json")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("file", help="campaign TOML file, e.g. training/campaign.toml")
         p.add_argument("--runs-dir", help="run folders (default: $SDUNET_RUNS, the file's runs_dir, "
@@ -709,6 +711,8 @@ def main(argv: list[str]) -> int:
             p.add_argument("--partial", action="store_true",
                            help="ship the best weights so far of an unfinished run")
             p.add_argument("--limit", type=int, help="at most this many test images (smoke tests)")
+        if name == "rescore":
+            p.add_argument("runs", nargs="+", help="run names (their shipped models)")
         if name in ("pack", "export"):
             p.add_argument("runs", nargs="+", help="run names")
             p.add_argument("--out", required=True, help="folder to write")
@@ -734,6 +738,15 @@ def main(argv: list[str]) -> int:
         if a.cmd == "status":
             rows = status_rows(camp)
             print(json.dumps(rows, indent=2) if a.json else format_status(rows, markdown=a.markdown))
+            return 0
+        if a.cmd == "rescore":
+            from .campaign_ship import rescore_shipped
+
+            for name in a.runs:
+                entry = next((e for e in camp.runs if e.name == name), None)
+                if entry is None:
+                    raise CampaignError(f"no run named {name!r} in {a.file}")
+                print(name, json.dumps(rescore_shipped(entry, camp, data_root=a.data_root)))
             return 0
         if a.cmd in ("pack", "export", "import"):
             from . import campaign_device as dev

@@ -46,19 +46,49 @@ def _best_weights(entry: RunEntry, camp: Campaign, partial: bool) -> torch.nn.Mo
     return model.eval()
 
 
-def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val, batch_size: int = 8,
-                metric: str = "image") -> float:
-    """Validation Dice (per image, or per group: ``metric``) of a model fed the way its config says
-    (resized or at native size)."""
+def val_scores(model: torch.nn.Module, config_prep: dict[str, Any], val, metrics: list[str],
+               batch_size: int = 8) -> dict[str, float]:
+    """Validation Dice by each of ``metrics`` (per image; per group, e.g. CT volume) of a model fed the
+    way its config says (resized or at native size)."""
     from napari_sdunet.train_loop import dice_score
 
     from .evaluate import predict_probs
 
     size = config_prep.get("input_size")
     if config_prep.get("mode") == "tiles" or size is None:
-        return evaluate_dice(model, val, batch_size=batch_size, metric=metric)
+        return {m: evaluate_dice(model, val, batch_size=batch_size, metric=m) for m in metrics}
     probs = predict_probs(model, val.images, size)
-    return dice_score(probs, val.masks.float(), metric, val.groups)
+    return {m: dice_score(probs, val.masks.float(), m, val.groups) for m in metrics}
+
+
+def val_dice_of(model: torch.nn.Module, config_prep: dict[str, Any], val, batch_size: int = 8,
+                metric: str = "image") -> float:
+    """Validation Dice by ``metric`` (see :func:`val_scores`)."""
+    return val_scores(model, config_prep, val, [metric], batch_size)[metric]
+
+
+def comparable_metrics(entry: RunEntry) -> list[str]:
+    """The recipe's validation metric first, and for CT volumes both: models of one task are ranked
+    (the widgets' preselection) by a metric they all record."""
+    first = entry.recipe.val_metric
+    return [first] + [m for m in ("group", "image") if m != first and entry.task == "liver"]
+
+
+def rescore_shipped(entry: RunEntry, camp: Campaign, *, data_root: str | None = None) -> dict[str, float]:
+    """Score a shipped campaign model on its run's validation set by every comparable metric and record
+    them in its config.json (``campaign.val_dice_by_metric``); the weights and card are left as they are."""
+    from napari_sdunet.io import atomic_path
+
+    folder = shipped_folder(entry)
+    model, cfg = load_checkpoint(folder)
+    _, val, _ = build_data(entry, data_root)
+    scores = val_scores(model, cfg.get("preprocessing", {}), val, comparable_metrics(entry),
+                        val_batch_size(entry.recipe))
+    raw = json.loads((folder / "config.json").read_text())
+    raw.setdefault("campaign", {})["val_dice_by_metric"] = {k: round(v, 6) for k, v in scores.items()}
+    with atomic_path(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    return scores
 
 
 def native_test(model_folder: Path, task: str, source: str, data_root: str | None, limit: int | None,
@@ -226,7 +256,8 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     model = _best_weights(entry, camp, partial)
     vb = val_batch_size(entry.recipe)  # the run's own validation batch: same memory bound as training
     metric = entry.recipe.val_metric
-    new_val = val_dice_of(model, prep, val, vb, metric)
+    new_scores = val_scores(model, prep, val, comparable_metrics(entry), vb)
+    new_val = new_scores[metric]
     target = (dest / entry.name) if dest else shipped_folder(entry)
     old_val = None
     if (target / "config.json").is_file():
@@ -243,7 +274,8 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     folder = save_checkpoint(model, tmp_target, task=entry.task, preprocessing=prep, half=True)
     tests = test_metrics(folder, entry, data_root, limit)
     crec = campaign_record(dict(rec, name=entry.name))
-    crec.update(val_dice_shipped=new_val, partial=partial, replaced_val_dice=old_val)
+    crec.update(val_dice_shipped=new_val, partial=partial, replaced_val_dice=old_val, val_metric=metric,
+                val_dice_by_metric={k: round(v, 6) for k, v in new_scores.items()})
     card = model_card(entry, rec, tests, new_val, old_val, partial)
     shipped, _ = load_checkpoint(folder)
     primary = "native" if "native" in tests else "preset"

@@ -331,7 +331,7 @@ def test_digests_of_recipes_without_the_later_keys_are_unchanged():
 
 
 @pytest.mark.slow
-def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, one_torch_thread):
+def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, monkeypatch, one_torch_thread):
     """Per-volume validation switched on mid-run: the run resumes, and the best is chosen anew."""
     from training.campaign import _Stop
 
@@ -363,3 +363,16 @@ def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, one_t
     assert rec["finished"] and rec["step"] == 8 and rec["best_step"] == 8
     changed = rec["scoring_changed"]
     assert changed["step"] == 4 and changed["val_metric"] == "group" and changed["from_digest"] != rec["recipe_digest"]
+    # shipped with the metric it was chosen by, recorded by name; rescoring records it again in place
+    import training.campaign_ship as ship
+
+    folder = ship.ship_run(camp.runs[0], camp, data_root=str(data), force=True, dest=tmp_path / "shipped")
+    crec = json.loads((folder / "config.json").read_text())["campaign"]
+    assert crec["val_metric"] == "group" and crec["val_dice_by_metric"]["group"] == round(crec["val_dice_shipped"], 6)
+    card = (folder / "README.md").read_text()
+    assert "per volume" in card and "the recipe changed at step 4" in card
+    monkeypatch.setattr(ship, "shipped_folder", lambda e: folder)
+    scores = ship.rescore_shipped(camp.runs[0], camp, data_root=str(data))
+    again = json.loads((folder / "config.json").read_text())["campaign"]["val_dice_by_metric"]
+    assert again == {k: round(v, 6) for k, v in scores.items()}
+    assert abs(again["group"] - crec["val_dice_shipped"]) < 0.02  # the fp16 weights as shipped

@@ -212,3 +212,35 @@ def test_every_picker_refreshes_when_a_model_is_saved(make_napari_viewer, shippe
     mine = str(mine)
     qtbot.waitUntil(lambda: all(mine in p.combo.choices for p in pickers), timeout=5000)
     assert "polyps-mine: polyps, no test Dice recorded (yours)" in [label for label, _ in pickers[0].listed()]
+
+
+def test_liver_models_are_ranked_by_a_validation_metric_they_share(shipped):
+    """One liver model validated per CT volume (0.91), another per slice (0.87): ranked by their own
+    numbers the first would win by the metric alone. Both record both: the per-volume Dice decides."""
+    weights = zoo.PACKAGE_WEIGHTS
+
+    def campaign(name, shipped_val, by_metric):
+        cfg_path = weights / name / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["campaign"] = {"val_dice_shipped": shipped_val, "val_dice_by_metric": by_metric}
+        cfg_path.write_text(json.dumps(cfg))
+
+    campaign("sdunet-liver", 0.912, {"group": 0.912, "image": 0.821})
+    campaign("unet-liver", 0.869, {"group": 0.916, "image": 0.869})
+    assert zoo.best_shipped_for_task("liver") == "unet-liver"
+    campaign("unet-liver", 0.869, {"group": 0.905, "image": 0.869})
+    assert zoo.best_shipped_for_task("liver") == "sdunet-liver"
+    # without a shared metric each model's own validation Dice is all there is
+    campaign("unet-liver", 0.969, {"image": 0.969})
+    assert zoo.best_shipped_for_task("liver") == "unet-liver"
+
+
+def test_the_shipped_models_of_a_task_share_a_validation_metric():
+    """The real weights: where a task's campaign models were validated by different metrics, every one
+    of them records a common one (else the preselection would compare a per-volume with a per-slice Dice)."""
+    for task in ("nuclei", "polyps", "liver"):
+        sums = [zoo.summary_of(n) for n in zoo.list_pretrained()]
+        sums = [s for s in sums if s["task"] == task and s["val_dice"] is not None]
+        own = {s.get("val_metric") for s in sums}
+        if len(own) > 1:
+            assert any(all(m in s["val_dice_by_metric"] for s in sums) for m in ("group", "image")), task
