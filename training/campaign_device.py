@@ -171,6 +171,12 @@ def pack_runs(camp: Campaign, names: list[str], out: str | os.PathLike, *, data_
                 manifest["weights"][wname] = {"bytes": sum(p.stat().st_size for p in dest.iterdir())}
         manifest["runs"][entry.name] = {"data": files, "start_weights": start[0] if start else None,
                                         "recipe_digest": entry.recipe.digest()}
+        local = camp.run_dir(entry) / "state" / "state.json"
+        if local.is_file():  # progress here that the pack does not carry: say so before the device time is spent
+            step = json.loads(local.read_text())["step"]
+            manifest["runs"][entry.name]["warning"] = (
+                f"a saved state at step {step} here is not carried (the lent machine starts from "
+                f"{start[0] if start else 'scratch'}); `campaign ship ... {entry.name} --partial` first to carry it")
     total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     manifest["bytes"] = total
     big = [p for p in tmp.rglob("*") if p.is_file() and p.stat().st_size > max_part_mb * MIB]
@@ -185,7 +191,8 @@ def pack_runs(camp: Campaign, names: list[str], out: str | os.PathLike, *, data_
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return {"pack": str(out), "mib": round(total / MIB, 2), "runs": list(manifest["runs"]),
+    warnings = {k: v["warning"] for k, v in manifest["runs"].items() if "warning" in v}
+    return {"pack": str(out), "mib": round(total / MIB, 2), "runs": list(manifest["runs"]), "warnings": warnings,
             "data": {k: v["items"] for k, v in manifest["data"].items()}, "weights": list(manifest["weights"])}
 
 

@@ -132,6 +132,8 @@ def test_export_import_ship_and_continue_here(tmp_path, monkeypatch, one_torch_t
               stop=StopAfter(4))
     meta = json.loads((there.run_dir(entry) / "state" / "state.json").read_text())
     assert meta["step"] == 4 and not (there.run_dir(entry) / "done.json").exists()
+    warned = dev.pack_runs(there, ["unet-nuclei"], tmp_path / "pack-late", data_root=str(data))["warnings"]
+    assert "step 4 here is not carried" in warned["unet-nuclei"]  # progress a new pack would not take along
     out = dev.export_runs(there, ["unet-nuclei"], tmp_path / "OUT", max_part_mb=0.05)
     parts = sorted((tmp_path / "OUT").glob("unet-nuclei.part*.safetensors"))
     assert out["unet-nuclei"]["files"] == 1 + len(parts) and len(parts) > 1
