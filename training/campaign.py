@@ -710,6 +710,10 @@ def main(argv: list[str]) -> int:
             p.add_argument("run", help="run name")
             p.add_argument("--partial", action="store_true",
                            help="ship the best weights so far of an unfinished run")
+            p.add_argument("--if-better", action="store_true",
+                           help="only when they validate better than the shipped model, as `campaign run` does "
+                                "at a run's end (a finished run that does not keeps its own shipped partial and "
+                                "marks it finished)")
             p.add_argument("--limit", type=int, help="at most this many test images (smoke tests)")
         if name == "rescore":
             p.add_argument("runs", nargs="+", help="run names (their shipped models)")
@@ -766,7 +770,8 @@ def main(argv: list[str]) -> int:
             entry = next((e for e in camp.runs if e.name == a.run), None)
             if entry is None:
                 raise CampaignError(f"no run named {a.run!r} in {a.file}")
-            print(ship_run(entry, camp, data_root=a.data_root, partial=a.partial, limit=a.limit, force=True))
+            print(ship_run(entry, camp, data_root=a.data_root, partial=a.partial, limit=a.limit,
+                           force=not a.if_better))
             return 0
         return run_campaign(camp, only=a.only, data_root=a.data_root, threads=a.threads, limit=a.limit,
                             ship=not a.no_ship, precision=a.precision, device=a.device,

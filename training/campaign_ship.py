@@ -148,8 +148,22 @@ def learning_curve(run_dir: Path, out: Path, title: str) -> Path | None:
 
     step = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot(step, [float(r["val_dice"]) for r in rows], "o-", ms=3, label="validation Dice")
-    ax.plot(step, [float(r["loss"]) for r in rows], "s-", ms=3, label="training loss (mean since last val)")
+    changed = None
+    if (run_dir / "run.json").is_file():  # validation scored another way from this step on
+        changed = json.loads((run_dir / "run.json").read_text()).get("scoring_changed")
+    if changed:
+        at = int(changed["step"])
+        before = [(s_, float(r["val_dice"])) for s_, r in zip(step, rows) if s_ <= at]
+        after = [(s_, float(r["val_dice"])) for s_, r in zip(step, rows) if s_ > at]
+        if before:
+            ax.plot(*zip(*before), "o-", ms=3, color="C0", alpha=0.45, label="validation Dice (per image)")
+        if after:
+            ax.plot(*zip(*after), "o-", ms=3, color="C0",
+                    label=f"validation Dice ({'per volume' if changed['val_metric'] == 'group' else 'per image'})")
+        ax.axvline(at, color="grey", ls="--", lw=0.8)
+    else:
+        ax.plot(step, [float(r["val_dice"]) for r in rows], "o-", ms=3, label="validation Dice")
+    ax.plot(step, [float(r["loss"]) for r in rows], "s-", ms=3, color="C1", label="training loss (mean since last val)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -260,6 +274,7 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     new_val = new_scores[metric]
     target = (dest / entry.name) if dest else shipped_folder(entry)
     old_val = None
+    same: dict[str, Any] = {}
     if (target / "config.json").is_file():
         old, old_cfg = load_checkpoint(target)
         same = old_cfg.get("campaign") or {}
@@ -268,6 +283,8 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
         else:
             old_val = val_dice_of(old, old_cfg.get("preprocessing", {}), val, vb, metric)
     if old_val is not None and new_val <= old_val and not force:
+        if rec.get("finished") and same.get("run") == entry.name and same.get("partial"):
+            return _finished_on_shipped(entry, camp, rec, target, old_val, new_val)
         log(rd, f"not shipped: validation Dice {new_val:.4f} <= shipped {old_val:.4f}")
         return None
     tmp_target = target.with_name(target.name + ".new")
@@ -293,6 +310,40 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     shutil.rmtree(tmp_target, ignore_errors=True)
     log(rd, f"shipped to {folder}: validation Dice {new_val:.4f} (was {old_val}); tests {json.dumps(_short(tests))}")
     return folder
+
+
+def _finished_on_shipped(entry: RunEntry, camp: Campaign, rec: dict[str, Any], target: Path, old_val: float,
+                         new_val: float) -> Path:
+    """A run finished without beating its own earlier weights that were shipped as a partial: those weights
+    stay (the rule: replace only what validates better), and their record and card now say that the run
+    finished (steps, CPU-hours) and which of its steps they are. Nothing is trained or measured again but
+    the validation Dice of both, which the caller measured."""
+    from napari_sdunet.io import atomic_path
+
+    rd = camp.run_dir(entry)
+    raw = json.loads((target / "config.json").read_text())
+    old = raw["campaign"]
+    kept = {k: old[k] for k in ("best_step", "val_dice_by_metric") if k in old}
+    crec = dict(old)
+    crec.update(campaign_record(dict(rec, name=entry.name)))
+    crec.update(kept, best_val_dice=old_val, val_dice_shipped=old_val, partial=False,
+                val_metric=entry.recipe.val_metric, weights_of_step=old.get("best_step"),
+                finished_best=new_val, finished_best_step=rec.get("best_step"))
+    note = (f"the run finished at step {rec['step']}; its best weights (step {rec.get('best_step')}) validated "
+            f"{pct(new_val)}, not better than these step-{old.get('best_step')} weights shipped before "
+            f"({pct(old_val)}, measured the same way at ship time), so these stay")
+    tests = {raw["metrics"].get("protocol", "preset"): raw["metrics"], **(raw.get("metrics_other") or {})}
+    card = model_card(entry, dict(rec, best_step=old.get("best_step")), tests, old_val, None, False)
+    card = card.replace("## Validation\n", f"## Validation\n- {note}\n", 1)
+    raw["campaign"] = crec
+    with atomic_path(target / "config.json") as tmp:
+        tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    with atomic_path(target / "README.md") as tmp:
+        tmp.write_text(card)
+    learning_curve(rd, target / "learning_curve.png", f"{entry.name} ({entry.recipe.name})")
+    log(rd, f"finished; the shipped step-{old.get('best_step')} weights stay ({new_val:.4f} <= {old_val:.4f}); "
+            f"their record and card say the run finished")
+    return target
 
 
 def _short(tests: dict[str, Any]) -> dict[str, float]:

@@ -376,3 +376,47 @@ def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, monke
     again = json.loads((folder / "config.json").read_text())["campaign"]["val_dice_by_metric"]
     assert again == {k: round(v, 6) for k, v in scores.items()}
     assert abs(again["group"] - crec["val_dice_shipped"]) < 0.02  # the fp16 weights as shipped
+
+
+@pytest.mark.slow
+def test_a_finished_run_that_does_not_beat_its_shipped_partial_keeps_it_and_says_so(tmp_path, monkeypatch,
+                                                                                    one_torch_thread):
+    import training.campaign as campaign
+    import training.campaign_ship as ship
+
+    data = make_blobs(tmp_path / "data")
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(campaign, "shipped_folder", lambda e: weights / e.name)
+    monkeypatch.setattr(ship, "shipped_folder", lambda e: weights / e.name)
+    camp = load_campaign(write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=8))
+    entry = camp.runs[0]
+
+    class StopAfter4(campaign._Stop):
+        n = 4
+
+        def due(self) -> bool:
+            self.n -= 1
+            self.asked = self.asked or self.n < 0
+            return self.asked
+
+    train_run(entry, camp, data_root=str(data), threads=1, precision="fp32", progress=False, stop=StopAfter4())
+    folder = ship.ship_run(entry, camp, data_root=str(data), partial=True, force=True)
+    before = json.loads((folder / "config.json").read_text())
+    assert before["campaign"]["partial"] is True and before["campaign"]["step"] == 4
+    rec = train_run(entry, camp, data_root=str(data), threads=1, precision="fp32", progress=False)
+    assert rec["finished"] and rec["step"] == 8
+    scores = iter([{"image": 0.10}, {"image": 0.50}])  # the finished run's best, then the shipped partial's
+    monkeypatch.setattr(ship, "val_scores", lambda *a, **k: next(scores))
+    assert ship.ship_run(entry, camp, data_root=str(data)) == folder
+    after = json.loads((folder / "config.json").read_text())
+    c = after["campaign"]
+    assert c["finished"] is True and c["partial"] is False and c["step"] == 8
+    assert c["weights_of_step"] == before["campaign"]["best_step"] and c["val_dice_shipped"] == 0.50
+    assert c["finished_best"] == 0.10 and after["weights"] == before["weights"]  # the same weights file
+    card = (folder / "README.md").read_text()
+    assert "so these stay" in card and "trained 8 steps" in card and "unfinished" not in card
+    # a later `campaign run` sees the run as finished (here and on a new machine)
+    import shutil
+
+    shutil.rmtree(camp.run_dir(entry))
+    assert campaign.shipped_campaign_record(entry)["finished"] is True
