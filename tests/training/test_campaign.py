@@ -21,6 +21,7 @@ from PIL import Image
 from napari_sdunet.models.registry import get_arch
 from training.campaign import (
     CampaignError,
+    _Stop,
     choose_precision,
     format_status,
     load_campaign,
@@ -84,6 +85,32 @@ def make_blobs(root: Path, n_train: int = 8, n_val: int = 3, n_test: int = 3) ->
 def write_toml(path: Path, runs: Path, steps: int = 12, every: float = 0.0) -> Path:
     path.write_text(TOML.format(runs=runs.as_posix(), steps=steps, every=every))
     return path
+
+
+class StopAfter(_Stop):
+    """Asks a run to stop after ``n`` steps (fit asks once before each step)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def due(self) -> bool:
+        self.n -= 1
+        self.asked = self.asked or self.n < 0
+        return self.asked
+
+
+def blob_campaign(tmp_path: Path, monkeypatch, steps: int = 8):
+    """(data root, campaign, its one run) on blob data, with the package's weights folder in tmp_path."""
+    import training.campaign as campaign
+    import training.campaign_ship as ship
+
+    data = make_blobs(tmp_path / "data")
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(campaign, "shipped_folder", lambda e: weights / e.name)
+    monkeypatch.setattr(ship, "shipped_folder", lambda e: weights / e.name)
+    camp = load_campaign(write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=steps))
+    return data, camp, camp.runs[0]
 
 
 def _cli(toml: Path, data: Path, *extra: str) -> list[str]:
@@ -188,13 +215,7 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
     import training.campaign as campaign
     import training.campaign_ship as ship
 
-    data = make_blobs(tmp_path / "data")
-    weights = tmp_path / "weights"
-    monkeypatch.setattr(campaign, "shipped_folder", lambda e: weights / e.name)
-    monkeypatch.setattr(ship, "shipped_folder", lambda e: weights / e.name)
-    camp = load_campaign(write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=8))
-    entry = camp.runs[0]
-
+    data, camp, entry = blob_campaign(tmp_path, monkeypatch)
     stop = campaign._Stop()
     import napari_sdunet.train_loop as tl
 
@@ -333,8 +354,6 @@ def test_digests_of_recipes_without_the_later_keys_are_unchanged():
 @pytest.mark.slow
 def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, monkeypatch, one_torch_thread):
     """Per-volume validation switched on mid-run: the run resumes, and the best is chosen anew."""
-    from training.campaign import _Stop
-
     data = make_blobs(tmp_path / "data")
     split = data / "blobs" / "split.csv"
     rows = split.read_text().splitlines()
@@ -343,17 +362,9 @@ def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, monke
     toml = tmp_path / "c.toml"
     toml.write_text(resized.format(runs=(tmp_path / "runs").as_posix(), steps=8, every=0.0))
 
-    class StopAfter4(_Stop):
-        n = 4
-
-        def due(self) -> bool:
-            self.n -= 1
-            self.asked = self.asked or self.n < 0
-            return self.asked
-
     camp = load_campaign(toml)
     train_run(camp.runs[0], camp, data_root=str(data), threads=1, precision="fp32", progress=False,
-              stop=StopAfter4())
+              stop=StopAfter(4))
     toml.write_text(toml.read_text().replace('task = "nuclei"', 'task = "nuclei"\nval_metric = "group"'))
     camp = load_campaign(toml)
     assert camp.runs[0].recipe.val_metric == "group"
@@ -384,22 +395,8 @@ def test_a_finished_run_that_does_not_beat_its_shipped_partial_keeps_it_and_says
     import training.campaign as campaign
     import training.campaign_ship as ship
 
-    data = make_blobs(tmp_path / "data")
-    weights = tmp_path / "weights"
-    monkeypatch.setattr(campaign, "shipped_folder", lambda e: weights / e.name)
-    monkeypatch.setattr(ship, "shipped_folder", lambda e: weights / e.name)
-    camp = load_campaign(write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=8))
-    entry = camp.runs[0]
-
-    class StopAfter4(campaign._Stop):
-        n = 4
-
-        def due(self) -> bool:
-            self.n -= 1
-            self.asked = self.asked or self.n < 0
-            return self.asked
-
-    train_run(entry, camp, data_root=str(data), threads=1, precision="fp32", progress=False, stop=StopAfter4())
+    data, camp, entry = blob_campaign(tmp_path, monkeypatch)
+    train_run(entry, camp, data_root=str(data), threads=1, precision="fp32", progress=False, stop=StopAfter(4))
     folder = ship.ship_run(entry, camp, data_root=str(data), partial=True, force=True)
     before = json.loads((folder / "config.json").read_text())
     assert before["campaign"]["partial"] is True and before["campaign"]["step"] == 4

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from tests.training.test_campaign import TOML, make_blobs
+from tests.training.test_campaign import TOML, StopAfter, make_blobs
 from training import campaign
 from training import campaign_device as dev
 from training.campaign import CampaignError, load_campaign, main, recipe_split, run_campaign, status_rows, train_run
@@ -35,19 +35,6 @@ arch = "unet"
 recipe = "blobs-resized"
 steps = 4
 """
-
-
-class StopAfter(campaign._Stop):
-    """Asks the run to stop after ``n`` steps (fit asks once before each step)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def due(self) -> bool:
-        self.n -= 1
-        self.asked = self.asked or self.n < 0
-        return self.asked
 
 
 def _camp(tmp_path, runs="runs", steps=8, extra=""):
