@@ -110,10 +110,19 @@ class Campaign:
     def run_dir(self, entry: RunEntry) -> Path:
         return self.runs_dir / entry.name
 
+    def entries(self, names: list[str]) -> list[RunEntry]:
+        """The runs of these names, in the order given; an unknown name is a :class:`CampaignError`."""
+        by_name = {e.name: e for e in self.runs}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise CampaignError(f"no run named {', '.join(unknown)} in {self.path}")
+        return [by_name[n] for n in names]
+
 
 def load_campaign(path: str | os.PathLike, runs_dir: str | None = None) -> Campaign:
     """Parse and check a campaign TOML file (``[campaign]``, ``[recipe.NAME]``, ``[[run]]``)."""
     from napari_sdunet.models import list_models
+    from napari_sdunet.train_loop import VAL_METRICS
 
     path = Path(path)
     try:
@@ -130,8 +139,8 @@ def load_campaign(path: str | os.PathLike, runs_dir: str | None = None) -> Campa
         vals = {**copy.deepcopy(RECIPE_DEFAULTS), **raw}
         if vals["task"] not in TASKS:
             raise CampaignError(f"recipe {name!r}: task must be one of {sorted(TASKS)}")
-        if vals["val_metric"] not in ("image", "group"):
-            raise CampaignError(f"recipe {name!r}: val_metric must be 'image' or 'group' (per CT volume)")
+        if vals["val_metric"] not in VAL_METRICS:
+            raise CampaignError(f"recipe {name!r}: val_metric must be one of {VAL_METRICS} (group: per CT volume)")
         recipes[name] = Recipe(name=name, **vals)
     runs, seen = [], set()
     for raw in doc.get("run", []):
@@ -592,9 +601,7 @@ def run_campaign(camp: Campaign, *, only: list[str] | None = None, data_root: st
     """Train the unfinished runs in order (one at a time) until all are done, a signal stops it, or
     ``max_minutes`` of wall time have passed."""
     if only:
-        unknown = sorted(set(only) - {e.name for e in camp.runs})
-        if unknown:
-            raise CampaignError(f"no run named {', '.join(unknown)} in {camp.path}")
+        camp.entries(only)  # an unknown name is refused before any work
     device = resolve_device(device)
     stop = _Stop(deadline=time.time() + max_minutes * 60 if max_minutes else None)
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -746,11 +753,8 @@ def main(argv: list[str]) -> int:
         if a.cmd == "rescore":
             from .campaign_ship import rescore_shipped
 
-            for name in a.runs:
-                entry = next((e for e in camp.runs if e.name == name), None)
-                if entry is None:
-                    raise CampaignError(f"no run named {name!r} in {a.file}")
-                print(name, json.dumps(rescore_shipped(entry, camp, data_root=a.data_root)))
+            for entry in camp.entries(a.runs):
+                print(entry.name, json.dumps(rescore_shipped(entry, camp, data_root=a.data_root)))
             return 0
         if a.cmd in ("pack", "export", "import"):
             from . import campaign_device as dev
@@ -767,9 +771,7 @@ def main(argv: list[str]) -> int:
         if a.cmd == "ship":
             from .campaign_ship import ship_run
 
-            entry = next((e for e in camp.runs if e.name == a.run), None)
-            if entry is None:
-                raise CampaignError(f"no run named {a.run!r} in {a.file}")
+            entry = camp.entries([a.run])[0]
             print(ship_run(entry, camp, data_root=a.data_root, partial=a.partial, limit=a.limit,
                            force=not a.if_better))
             return 0

@@ -41,14 +41,6 @@ EXPORT_FORMAT = "napari-sdunet-campaign-export"
 MIB = 2**20
 
 
-def _entries(camp: Campaign, names: list[str]) -> list[RunEntry]:
-    by_name = {e.name: e for e in camp.runs}
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise CampaignError(f"no run named {', '.join(unknown)} in {camp.path}")
-    return [by_name[n] for n in names]
-
-
 def _data_key(entry: RunEntry, split: str, limit: int | None) -> str:
     ident = dict(data_identity(entry), split=split, limit=limit)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
@@ -142,7 +134,7 @@ def pack_runs(camp: Campaign, names: list[str], out: str | os.PathLike, *, data_
               limit: int | None = None, max_mb: float = 56.0, max_part_mb: float = 15.0) -> dict[str, Any]:
     """Write ``out``/pack.json, data/*.npz and weights/<name>/ for the runs; refuse one over ``max_mb``."""
     out = Path(out)
-    entries = _entries(camp, names)
+    entries = camp.entries(names)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
@@ -227,7 +219,7 @@ def export_runs(camp: Campaign, names: list[str], out: str | os.PathLike, *, hal
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = {}
-    for entry in _entries(camp, names):
+    for entry in camp.entries(names):
         state, rec = _best_state(entry, camp)
         rd = camp.run_dir(entry)
         dtype = torch.float16 if half else torch.float32
