@@ -125,7 +125,16 @@ def sweep_flops(h: int, w: int, S: int, B: int, directions=(0, 2)) -> float:
 
 def precision_of(impl: str) -> str:
     """bf16 for the implementations with bf16 GEMM operands, fp32 for the rest (inputs are fp32)."""
-    return "bf16" if impl.endswith("_bf16") else "fp32"
+    return "bf16" if split_impl(impl)[0].endswith("_bf16") else "fp32"
+
+
+def split_impl(label: str) -> tuple[str, str | None]:
+    """``"fast:rows=0"`` -> ("fast", "0"): an implementation, and the rows per chunk of a step
+    (``NAPARI_SDUNET_SWEEP_CHUNK_ROWS``; 0 = whole steps) it runs with; None: its default."""
+    impl, _, opt = label.partition(":")
+    if opt and not opt.startswith("rows="):
+        raise SystemExit(f"unknown option {opt!r} of {label!r} (expected IMPL:rows=N)")
+    return impl, (opt[5:] if opt else None)
 
 
 def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
@@ -145,6 +154,11 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
                 xin = x0.bfloat16() if precision_of(impl) == "bf16" and not args.fp32_lines else x0
 
                 def run(impl=impl, backward=backward, x0=xin):
+                    impl, rows = split_impl(impl)
+                    if rows is None:
+                        os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
+                    else:
+                        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = rows
                     x = x0.detach().requires_grad_(backward)
                     s = x
                     with torch.set_grad_enabled(backward):
@@ -164,7 +178,7 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
                 gf = flops / t / 1e9
                 rows.append({"size": size, "impl": impl, "precision": prec, "pass": pas, "seconds": t,
                              "gflops": gf, "pct_gemm": 100 * gf / ceilings[prec, size][pas]})
-                print(f"  sweep {size}x{size} {impl:>12} {pas:>7}: {t:8.3f} s {gf:7.1f} GFLOP/s "
+                print(f"  sweep {size}x{size} {impl:>18} {pas:>7}: {t:8.3f} s {gf:7.1f} GFLOP/s "
                       f"({rows[-1]['pct_gemm']:.0f} % of same-shape {prec} GEMM)", flush=True)
     for r in rows:
         base = [b for b in rows if b["size"] == r["size"] and b["pass"] == r["pass"] and b["impl"] == "naive"]
@@ -258,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--state", type=int, default=150)
     ap.add_argument("--impls", nargs="+", default=None,
-                    help="sweep implementations (names ending in _bf16 run bf16 GEMM operands; default: "
-                         "naive fast_py fast fast_py_bf16 fast_bf16 on CPU)")
+                    help="sweep implementations (names ending in _bf16 run bf16 GEMM operands; IMPL:rows=N "
+                         "runs IMPL with N rows per chunk of a step, 0 = whole steps; default: naive fast_py "
+                         "fast fast:rows=0 fast_py_bf16 fast_bf16 fast_bf16:rows=256 on CPU)")
     ap.add_argument("--fp32-lines", action="store_true",
                     help="feed the bf16 implementations fp32 states (default: bf16, as under autocast)")
     ap.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last",
@@ -288,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the sweeps' GEMMs too
     if args.impls is None:
         wanted = (["naive", "loop", "fast", "triton", "triton_bf16"] if device.type == "cuda"
-                  else ["naive", "fast_py", "fast", "fast_py_bf16", "fast_bf16"])
-        args.impls = [i for i in wanted if i == "naive" or i in list_sweeps()]
+                  else ["naive", "fast_py", "fast", "fast:rows=0", "fast_py_bf16", "fast_bf16", "fast_bf16:rows=256"])
+        args.impls = [i for i in wanted if i == "naive" or split_impl(i)[0] in list_sweeps()]
     info = machine_info(device)
     info["load_before"] = load()
     print(f"# {info}", flush=True)

@@ -93,6 +93,45 @@ def test_fast_float32_matches_reference_at_paper_state(impl, gemm, hw, monkeypat
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", ["1", "20"])
+@pytest.mark.parametrize("hw", [(6, 9), (9, 6)])
+def test_fast_in_chunks_of_lines_matches_reference(rows, hw, monkeypatch):
+    # a step runs in chunks of whole lines (fp32 by default, bf16 when asked): 1 row -> one line per
+    # chunk; 20 rows -> 2 or 3 lines, so with 3 lines per step one chunk is shorter than the others
+    if sweep_cpp.ops() is None:
+        pytest.skip("the C++ kernels are not built on this machine")
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", rows)
+    x, params = _setup(4, hw, B=3)
+    g = torch.randn(3, 4, *hw, dtype=torch.float64)
+    for direction in (0, 1, 2, 3):
+        y = sweep(x, *params, direction, impl="fast")
+        want = sweep_reference(x, *params, direction)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+        for a, b in zip(_grads(y, g, [x, *params]), _grads(want, g, [x, *params])):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    for gemm in ("mkl", "onednn"):
+        monkeypatch.setenv("NAPARI_SDUNET_SWEEP_FP32_GEMM", gemm)
+        x32 = torch.tanh(x.detach()).float().repeat(1, 38, 1, 1)[:, :150].requires_grad_()
+        _, p150 = _setup(150, hw, B=3, dtype=torch.float32)
+        g32 = torch.randn(3, 150, *hw)
+        for direction in (0, 1, 2, 3):
+            y = sweep(x32, *p150, direction, impl="fast")
+            want = sweep_reference(x32, *p150, direction)
+            torch.testing.assert_close(y, want, rtol=0, atol=2e-5)
+            for a, b in zip(_grads(y, g32, [x32, *p150]), _grads(want, g32, [x32, *p150])):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    xb = torch.tanh(x.detach()).float().repeat(1, 8, 1, 1).bfloat16().requires_grad_()
+    _, p32 = _setup(32, hw, B=3, dtype=torch.float32)
+    gb = torch.randn(3, 32, *hw)
+    chunked = sweep(xb, *p32, 2, impl="fast_bf16")
+    grads = _grads(chunked.float(), gb, [xb, *p32])
+    monkeypatch.setenv("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", "0")
+    whole = sweep(xb, *p32, 2, impl="fast_bf16")
+    torch.testing.assert_close(chunked.float(), whole.float(), rtol=0, atol=1e-2)
+    for a, b in zip(grads, _grads(whole.float(), gb, [xb, *p32])):
+        assert _rel(a.float(), b.float()) < 1e-2
+
+
 def test_fast_without_grad_matches_and_keeps_no_graph():
     x, params = _setup(5, (4, 6))
     with torch.no_grad():

@@ -302,15 +302,30 @@ void accumulate(float* dst, const G* src, int64_t n) {
   }
 }
 
-// Copy the taps [p_{i-1}, p_i, p_{i+1}] of every cell of a padded line (B, L+2, S) into u (B*L, 3S).
+// Copy the taps [p_{i-1}, p_i, p_{i+1}] of every cell of batch items [b0, b1) of a padded line (B, L+2, S)
+// into u ((b1 - b0) * L, 3S).
 template <class G>
-void copy_taps(const G* line_pad, G* u, int64_t B, int64_t L, int64_t S) {
-  at::parallel_for(0, B * L, 256, [&](int64_t lo, int64_t hi) {
+void copy_taps(const G* line_pad, G* u, int64_t b0, int64_t b1, int64_t L, int64_t S) {
+  at::parallel_for(0, (b1 - b0) * L, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m) {
-      const int64_t b = m / L, i = m % L;
+      const int64_t b = b0 + m / L, i = m % L;
       std::memcpy(u + m * 3 * S, line_pad + (b * (L + 2) + i) * S, 3 * S * sizeof(G));
     }
   });
+}
+
+// Batch items per chunk of a step. A step's GEMM results and gate operands (M x 3S per matrix, 3.5 MB in
+// fp32 at 96x96, B=20) do not fit the L2 cache, so an fp32 step runs in chunks of whole lines (the taps of a
+// cell stay within its line): a chunk's GEMM results are still in cache when its gate pass reads them, and
+// the chunk buffers are the same memory at every chunk and step (at 96x96 on a Zen 4 core: forward+backward
+// from 69 to 82 % of the same-shape GEMM rate, benchmarks/bench_sdn.py). bf16 steps gain nothing (their gate pass is bound by writing the saved factors, which backward
+// reads later) and run whole. NAPARI_SDUNET_SWEEP_CHUNK_ROWS overrides: rows (cells) per chunk, rounded
+// to whole lines; 0 = one chunk (the whole step). By default steps of at most 512 rows run whole.
+int64_t chunk_items(int64_t B, int64_t L, bool lp) {
+  const char* e = std::getenv("NAPARI_SDUNET_SWEEP_CHUNK_ROWS");
+  const int64_t rows = e ? std::atoll(e) : (lp ? 0 : 256);
+  if (rows <= 0 || (!e && B * L <= 2 * rows)) return B;  // a small step fits the cache as it is
+  return std::min<int64_t>(B, std::max<int64_t>(1, (rows + L / 2) / L));
 }
 
 template <class G>
@@ -359,34 +374,40 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& x_g,
   if (Tn == 1) return {res, lp ? out_lp : out, keep ? saved : res};
   const at::Tensor w_in_t = w_in.to(gtype<G>()).t().contiguous();
   const at::Tensor w_h_t = w_h.to(gtype<G>()).t().contiguous();
-  at::Tensor u = at::empty({M, S3}, go), a = at::empty({M, S3}, go), c = at::empty({M, S3}, go);
+  const int64_t nb = chunk_items(B, L, lp), MC = nb * L;
+  at::Tensor u = at::empty({MC, S3}, go), a = at::empty({MC, S3}, go), c = at::empty({MC, S3}, go);
   const T* bin = b_in.data_ptr<T>();
   const T* bh = b_h.data_ptr<T>();
   const G* gbase = lp ? out_lp.data_ptr<G>() : reinterpret_cast<const G*>(out.data_ptr<T>());
   const int64_t line_pad = B * (L + 2) * S;
   for (int64_t t = 1; t < Tn; ++t) {
     const int64_t src = ring ? (t - 1) % 2 : t - 1, dst = ring ? t % 2 : t;
-    copy_taps<G>(gbase + src * line_pad, u.data_ptr<G>(), B, L, S);
-    if (dnnl) {  // results are fresh tensors (oneDNN has no out=); same-size frees are reused by malloc
-      c = linear_dnnl(x_g.select(0, t).view({M, S}), w_h);
-      a = linear_dnnl(u, w_in);
-    } else {
-      at::mm_out(c, x_g.select(0, t).view({M, S}), w_h_t);
-      at::mm_out(a, u, w_in_t);
-    }
-    const G* ap = a.data_ptr<G>();
-    const G* cp = c.data_ptr<G>();
     const H* hp = x.data_ptr<H>() + t * M * S;
     T* op = lp_out ? nullptr : out.data_ptr<T>() + t * line_pad;
     bf16* olp = lp ? reinterpret_cast<bf16*>(out_lp.data_ptr<G>()) + dst * line_pad : nullptr;
     G* svp = keep ? saved.data_ptr<G>() + (t - 1) * M * 5 * S : nullptr;
-    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t m = lo; m < hi; ++m) {
-        const int64_t b = m / L, i = m % L, o = (b * (L + 2) + i + 1) * S;
-        fwd_row<P, G, T, H>(S, ap + m * S3, cp + m * S3, bin, bh, hp + m * S, op ? op + o : nullptr,
-                            olp ? olp + o : nullptr, svp ? svp + m * 5 * S : nullptr);
+    const at::Tensor xt = x_g.select(0, t).view({M, S});
+    for (int64_t b0 = 0; b0 < B; b0 += nb) {
+      const int64_t b1 = std::min(B, b0 + nb), m0 = b0 * L, mc = (b1 - b0) * L;
+      at::Tensor uc = u.narrow(0, 0, mc), ac = a.narrow(0, 0, mc), cc = c.narrow(0, 0, mc);
+      copy_taps<G>(gbase + src * line_pad, uc.data_ptr<G>(), b0, b1, L, S);
+      if (dnnl) {  // results are fresh tensors (oneDNN has no out=); same-size frees are reused by malloc
+        cc = linear_dnnl(xt.narrow(0, m0, mc), w_h);
+        ac = linear_dnnl(uc, w_in);
+      } else {
+        at::mm_out(cc, xt.narrow(0, m0, mc), w_h_t);
+        at::mm_out(ac, uc, w_in_t);
       }
-    });
+      const G* ap = ac.data_ptr<G>();  // row m of the step is row m - m0 of the chunk
+      const G* cp = cc.data_ptr<G>();
+      at::parallel_for(m0, m0 + mc, 64, [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m) {
+          const int64_t b = m / L, i = m % L, o = (b * (L + 2) + i + 1) * S;
+          fwd_row<P, G, T, H>(S, ap + (m - m0) * S3, cp + (m - m0) * S3, bin, bh, hp + m * S, op ? op + o : nullptr,
+                              olp ? olp + o : nullptr, svp ? svp + m * 5 * S : nullptr);
+        }
+      });
+    }
   }
   return {res, lp ? out_lp : out, keep ? saved : res};
 }
@@ -406,7 +427,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   auto fo = grad.options().dtype(gtype<T>());
   auto go = fo.dtype(gtype<G>());
   at::Tensor dx = pooled_empty(grad.sizes(), grad.options());
-  at::Tensor dxs = bf16_io ? at::empty({M, S}, fo) : at::Tensor();  // the direct path of a step, in fp32
+  const int64_t nb = chunk_items(B, L, lp), MC = nb * L;
+  at::Tensor dxs = bf16_io ? at::empty({MC, S}, fo) : at::Tensor();  // the direct path of a chunk, in fp32
   at::Tensor dw_in_p = at::zeros({S3, S3}, fo);  // rows in the gate order of D: [n, r, z]
   at::Tensor dw_h = at::zeros({S3, S}, fo);
   const int nth = at::get_num_threads();
@@ -416,29 +438,74 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   // W_in with its rows (gates) in D's order [n, r, z]: du = D[:, :3S] @ W_in_p, dx_prior = D[:, S:] @ W_h
   at::Tensor w_in_p = at::cat({w_in.narrow(0, 2 * S, S), w_in.narrow(0, 0, 2 * S)}, 0).to(gtype<G>()).contiguous();
   at::Tensor w_h_g = w_h.to(gtype<G>()).contiguous();
-  at::Tensor D = at::empty({M, 4 * S}, go), du = at::empty({M, S3}, go), u = at::empty({M, S3}, go);
-  at::Tensor dxp = lp ? at::empty({M, S}, go) : at::Tensor();
+  // D = [da_n, da_r, da_z, dc_n] and the taps u of a whole step (the weight-gradient GEMMs run once per step:
+  // per chunk their K would be small and their results summed once per chunk); du and the prior-term dx
+  // per chunk (see chunk_items)
+  at::Tensor D = at::empty({M, 4 * S}, go), u = at::empty({M, S3}, go), du = at::empty({MC, S3}, go);
+  at::Tensor dxp = lp ? at::empty({MC, S}, go) : at::Tensor();
   // oneDNN computes X W^T: the weights it multiplies from the right, transposed once per call
   const at::Tensor w_in_pt = dnnl ? w_in_p.t().contiguous() : at::Tensor();
   const at::Tensor w_h_t = dnnl ? w_h_g.t().contiguous() : at::Tensor();
   at::Tensor tmp_in = lp ? at::empty({S3, S3}, go) : at::Tensor(), tmp_h = lp ? at::empty({S3, S}, go) : at::Tensor();
   at::Tensor g = at::empty({B, L, S}, fo);  // (B, L, S) total gradient of the current line
   g.copy_(grad.select(0, Tn - 1));
-  const at::Tensor Da = D.narrow(1, 0, S3), Dc = D.narrow(1, S, S3);
   const int64_t line_pad = B * (L + 2) * S;
   for (int64_t t = Tn - 1; t > 0; --t) {
     const T* gp = g.data_ptr<T>();
     const G* svp = saved.data_ptr<G>() + (t - 1) * M * 5 * S;
-    G* Dp = D.data_ptr<G>();
     DX* dxt = dx.data_ptr<DX>() + t * M * S;
-    T* dxd;  // where the direct path goes: the fp32 scratch line, or dx itself
-    if constexpr (bf16_io) dxd = dxs.data_ptr<T>();
-    else dxd = dxt;
     T* accp = acc.data_ptr<T>();
-    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
-      T* ac = accp + at::get_thread_num() * 4 * S;
-      for (int64_t m = lo; m < hi; ++m) bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxd + m * S, ac);
-    });
+    const at::Tensor h_t = x_g.select(0, t).view({M, S});
+    const GR* grp = grad.data_ptr<GR>() + (t - 1) * M * S;
+    T* gw = g.data_ptr<T>();
+    for (int64_t b0 = 0; b0 < B; b0 += nb) {
+      // a chunk of whole lines: the taps that read a cell (prev_row) are in the same line
+      const int64_t b1 = std::min(B, b0 + nb), m0 = b0 * L, mc = (b1 - b0) * L;
+      const at::Tensor Dm = D.narrow(0, m0, mc), Da = Dm.narrow(1, 0, S3), Dc = Dm.narrow(1, S, S3);
+      at::Tensor duc = du.narrow(0, 0, mc), dxpc = lp ? dxp.narrow(0, 0, mc) : dxp;
+      G* Dp = D.data_ptr<G>();
+      // where the direct path of row m goes: the fp32 scratch of the chunk, or dx itself
+      auto dxd = [&](int64_t m) -> T* {
+        if constexpr (bf16_io) return dxs.data_ptr<T>() + (m - m0) * S;
+        else return dxt + m * S;
+      };
+      at::parallel_for(m0, m0 + mc, 64, [&](int64_t lo, int64_t hi) {
+        T* ac = accp + at::get_thread_num() * 4 * S;
+        for (int64_t m = lo; m < hi; ++m)
+          bwd_row<P, G, T>(S, gp + m * S, svp + m * 5 * S, Dp + m * 4 * S, dxd(m), ac);
+      });
+      if (dnnl) {
+        dxpc = linear_dnnl(Dc, w_h_t);
+        duc = linear_dnnl(Da, w_in_pt);
+      } else {
+        if (lp) at::mm_out(dxpc, Dc, w_h_g);
+        else dx.select(0, t).view({M, S}).narrow(0, m0, mc).addmm_(Dc, w_h_g);
+        at::mm_out(duc, Da, w_in_p);
+      }
+      const G* dup = duc.data_ptr<G>();
+      const G* dxpp = (lp || dnnl) ? dxpc.data_ptr<G>() : nullptr;
+      at::parallel_for(m0, m0 + mc, 64, [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m)
+          prev_row<P, G, T, GR, DX>(S, static_cast<int>(m % L), static_cast<int>(L), grp + m * S,
+                                    dup + (m - m0) * S3, gw + m * S, dxpp ? dxpp + (m - m0) * S : nullptr, dxd(m),
+                                    dxt + m * S);
+      });
+    }
+    // the weight gradients of the step, over all its rows
+    const at::Tensor Da = D.narrow(1, 0, S3), Dc = D.narrow(1, S, S3);
+    if (need_w_in) copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), 0, B, L, S);
+    if (dnnl) {
+      if (need_w_h) dw_h.add_(linear_dnnl(Dc.t(), h_t.t()));
+      if (need_w_in) dw_in_p.add_(linear_dnnl(Da.t(), u.t()));
+    } else if constexpr (!std::is_same_v<G, T>) {
+      if (need_w_h)
+        accumulate<FloatPolicy, G>(dw_h.data_ptr<float>(), at::mm_out(tmp_h, Dc.t(), h_t).data_ptr<G>(), S3 * S);
+      if (need_w_in)
+        accumulate<FloatPolicy, G>(dw_in_p.data_ptr<float>(), at::mm_out(tmp_in, Da.t(), u).data_ptr<G>(), S3 * S3);
+    } else {
+      if (need_w_h) dw_h.addmm_(Dc.t(), h_t);
+      if (need_w_in) dw_in_p.addmm_(Da.t(), u);
+    }
     {  // the step's per-thread bias-gradient sums into the float64 total (a few hundred values)
       double* tot = acc_total.data_ptr<double>();
       for (int th = 0; th < nth; ++th) {
@@ -449,41 +516,6 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
         }
       }
     }
-    at::Tensor dx_t = bf16_io ? dxs : dx.select(0, t).view({M, S});
-    const at::Tensor h = x_g.select(0, t).view({M, S});
-    if (dnnl) {
-      dxp = linear_dnnl(Dc, w_h_t);
-      if (need_w_h) dw_h.add_(linear_dnnl(Dc.t(), h.t()));
-      if (need_w_in) {
-        copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
-        dw_in_p.add_(linear_dnnl(Da.t(), u.t()));
-      }
-      du = linear_dnnl(Da, w_in_pt);
-    } else {
-      if (lp) at::mm_out(dxp, Dc, w_h_g);
-      else dx_t.addmm_(Dc, w_h_g);
-      if (need_w_h) {
-        if constexpr (!std::is_same_v<G, T>)
-          accumulate<FloatPolicy, G>(dw_h.data_ptr<float>(), at::mm_out(tmp_h, Dc.t(), h).data_ptr<G>(), S3 * S);
-        else dw_h.addmm_(Dc.t(), h);
-      }
-      if (need_w_in) {
-        copy_taps<G>(out_g.data_ptr<G>() + (t - 1) * line_pad, u.data_ptr<G>(), B, L, S);
-        if constexpr (!std::is_same_v<G, T>)
-          accumulate<FloatPolicy, G>(dw_in_p.data_ptr<float>(), at::mm_out(tmp_in, Da.t(), u).data_ptr<G>(), S3 * S3);
-        else dw_in_p.addmm_(Da.t(), u);
-      }
-      at::mm_out(du, Da, w_in_p);
-    }
-    const G* dup = du.data_ptr<G>();
-    const G* dxpp = (lp || dnnl) ? dxp.data_ptr<G>() : nullptr;
-    const GR* grp = grad.data_ptr<GR>() + (t - 1) * M * S;
-    T* gw = g.data_ptr<T>();
-    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t m = lo; m < hi; ++m)
-        prev_row<P, G, T, GR, DX>(S, static_cast<int>(m % L), static_cast<int>(L), grp + m * S, dup + m * S3,
-                                  gw + m * S, dxpp ? dxpp + m * S : nullptr, dxd + m * S, dxt + m * S);
-    });
   }
   dx.select(0, 0).copy_(g);
   at::Tensor a = acc_total.to(gtype<T>());  // [n, r, z, c_n]
