@@ -130,7 +130,7 @@ def precision_of(impl: str) -> str:
 
 def split_impl(label: str) -> tuple[str, str | None]:
     """``"fast:rows=0"`` -> ("fast", "0"): an implementation, and the rows per chunk of a step
-    (``NAPARI_SDUNET_SWEEP_CHUNK_ROWS``; 0 = whole steps) it runs with; None: its default."""
+    (``NAPARI_SDUNET_SWEEP_CHUNK_ROWS``; 0 = whole steps) it runs with; None: the caller's setting."""
     impl, _, opt = label.partition(":")
     if opt and not opt.startswith("rows="):
         raise SystemExit(f"unknown option {opt!r} of {label!r} (expected IMPL:rows=N)")
@@ -142,6 +142,7 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     cells = [SDNCell(args.state).to(device=device) for _ in (0, 2)]
     rows = []
+    chunk_env = os.environ.get("NAPARI_SDUNET_SWEEP_CHUNK_ROWS")
     for size in args.sizes:
         x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device)
         if args.layout == "channels_last":  # as in the training campaign: the SDN state is NHWC
@@ -155,10 +156,12 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
 
                 def run(impl=impl, backward=backward, x0=xin):
                     impl, rows = split_impl(impl)
-                    if rows is None:
+                    if rows is not None:
+                        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = rows
+                    elif chunk_env is None:
                         os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
                     else:
-                        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = rows
+                        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_env
                     x = x0.detach().requires_grad_(backward)
                     s = x
                     with torch.set_grad_enabled(backward):
@@ -180,6 +183,10 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
                              "gflops": gf, "pct_gemm": 100 * gf / ceilings[prec, size][pas]})
                 print(f"  sweep {size}x{size} {impl:>18} {pas:>7}: {t:8.3f} s {gf:7.1f} GFLOP/s "
                       f"({rows[-1]['pct_gemm']:.0f} % of same-shape {prec} GEMM)", flush=True)
+    if chunk_env is None:  # the variants' chunk settings do not outlive the table
+        os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
+    else:
+        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_env
     for r in rows:
         base = [b for b in rows if b["size"] == r["size"] and b["pass"] == r["pass"] and b["impl"] == "naive"]
         r["speedup_vs_naive"] = base[0]["seconds"] / r["seconds"] if base else None

@@ -1,6 +1,9 @@
 """The benchmark scripts still run (tiny sizes; the timings themselves are not tested)."""
 
 import json
+import os
+
+import pytest
 
 from benchmarks.bench_sdn import main as bench_sdn
 from benchmarks.bench_train_step import main as bench_train_step
@@ -25,8 +28,17 @@ def test_bench_sdn_reports_host_and_same_shape_gemm_percentages(capsys, one_torc
     res = json.loads((tmp_path / "r.json").read_text())
     assert {"amx", "avx512_bf16", "bf16_gemm_pays"} <= set(res["machine"])
     got = {(r["precision"], r["impl"]) for r in res["sweeps"]}
-    assert {("fp32", "fast"), ("bf16", "fast_bf16")} <= got
+    assert {("fp32", "fast"), ("fp32", "fast:rows=0"), ("bf16", "fast_bf16"), ("bf16", "fast_bf16:rows=256")} <= got
     assert all(r["pct_gemm"] > 0 for r in res["sweeps"])
+    assert "NAPARI_SDUNET_SWEEP_CHUNK_ROWS" not in os.environ  # a variant's setting does not leak
+
+
+def test_bench_sdn_rejects_an_unknown_variant_option():
+    from benchmarks.bench_sdn import split_impl
+
+    assert split_impl("fast") == ("fast", None) and split_impl("fast:rows=0") == ("fast", "0")
+    with pytest.raises(SystemExit, match="IMPL:rows=N"):
+        split_impl("fast:chunks=3")
 
 
 def test_bench_inference_times_predict_on_image_and_volume(capsys, one_torch_thread):
