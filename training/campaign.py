@@ -696,7 +696,9 @@ def main(argv: list[str]) -> int:
                                    "(to bring them back from a lent GPU)"),
                         ("import", "turn exported files into run folders here, ready for `campaign ship`"),
                         ("rescore", "record shipped models' validation Dice by every metric their task is "
-                                    "ranked by (per image; per CT volume), in their config.json")):
+                                    "ranked by (per image; per CT volume), in their config.json"),
+                        ("cards", "rewrite the Target section of shipped models' cards from training/targets.toml "
+                                  "(their own recorded test figures; nothing is trained or measured)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("file", help="campaign TOML file, e.g. training/campaign.toml")
         p.add_argument("--runs-dir", help="run folders (default: $SDUNET_RUNS, the file's runs_dir, "
@@ -724,6 +726,8 @@ def main(argv: list[str]) -> int:
             p.add_argument("--limit", type=int, help="at most this many test images (smoke tests)")
         if name == "rescore":
             p.add_argument("runs", nargs="+", help="run names (their shipped models)")
+        if name == "cards":
+            p.add_argument("runs", nargs="*", help="run names (default: every shipped campaign model)")
         if name in ("pack", "export"):
             p.add_argument("runs", nargs="+", help="run names")
             p.add_argument("--out", required=True, help="folder to write")
@@ -755,6 +759,15 @@ def main(argv: list[str]) -> int:
 
             for entry in camp.entries(a.runs):
                 print(entry.name, json.dumps(rescore_shipped(entry, camp, data_root=a.data_root)))
+            return 0
+        if a.cmd == "cards":
+            from napari_sdunet.zoo import PACKAGE_WEIGHTS
+
+            from .targets import refresh_cards
+
+            names = [e.name for e in camp.entries(a.runs)] if a.runs else None
+            for card in refresh_cards(PACKAGE_WEIGHTS, names):
+                print(card)
             return 0
         if a.cmd in ("pack", "export", "import"):
             from . import campaign_device as dev

@@ -238,7 +238,9 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
 
     summary = model_summary(cfg)  # what the model pickers show and rank by
     assert summary["val_dice"] == cfg["campaign"]["val_dice_shipped"] and summary["test_dice"] is not None
-    assert (folder / "learning_curve.png").is_file() and "CPU-hours" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert (folder / "learning_curve.png").is_file() and "CPU-hours" in card
+    assert card.index("## Target") < card.index("## Provenance")  # the target and what limits it
     import shutil
 
     shutil.rmtree(camp.run_dir(entry))  # "a new machine"
@@ -412,6 +414,7 @@ def test_a_finished_run_that_does_not_beat_its_shipped_partial_keeps_it_and_says
     assert c["finished_best"] == 0.10 and after["weights"] == before["weights"]  # the same weights file
     card = (folder / "README.md").read_text()
     assert "so these stay" in card and "trained 8 steps" in card and "unfinished" not in card
+    assert card.count("## Target") == 1
     # a later `campaign run` sees the run as finished (here and on a new machine)
     import shutil
 

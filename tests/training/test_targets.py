@@ -1,0 +1,94 @@
+"""Model cards state the issue's accuracy target, the verdict, the baseline comparison and what limits it."""
+
+import json
+
+import pytest
+
+from training.targets import card_tests, load_targets, refresh_cards, target_lines, with_target
+
+TARGETS = {"nuclei": {"test": "native", "what": "Dice on nuclei/", "sd": 0.93, "baseline": 0.90,
+                      "limits": "the labels   of DSB2018"},
+           "polyps": {"test": "preset", "what": "Dice on CVC", "sd": 0.80, "limits": "other sequences"}}
+
+
+CARD = "# m\n\n## Test metrics\n- x\n\n## Provenance\n- y\n"
+
+
+def _model(weights, name, arch, task, dice, protocol="native", card=CARD):
+    folder = weights / name
+    folder.mkdir(parents=True)
+    cfg = {"campaign": {"arch": arch, "task": task}, "metrics": {"protocol": protocol, "dice": dice},
+           "metrics_other": {"nuclei_96": {"dice": 0.5}}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "README.md").write_text(card)
+    return folder
+
+
+def test_targets_file_covers_every_task_with_a_test_figure_and_limits():
+    t = load_targets()
+    assert set(t) == {"nuclei", "polyps", "liver"}
+    for task in t.values():
+        assert task["test"] in ("native", "preset") and task["sd"] > 0.5 and len(task["limits"]) > 100
+
+
+def test_missed_target_says_by_how_much_compares_with_the_baseline_and_says_what_limits_it(tmp_path):
+    _model(tmp_path, "unetpp-nuclei", "unetpp", "nuclei", 0.897)
+    tests = {"native": {"dice": 0.893}, "nuclei_96": {"dice": 0.84}}
+    lines = target_lines("sdnunet-nuclei", "sdnunet", "nuclei", tests, tmp_path, TARGETS)
+    text = "\n".join(lines)
+    assert lines[0] == "## Target"
+    assert "≥ 0.93; this model: 0.893, **missed** by 0.037" in text
+    assert "stays below its baseline `unetpp-nuclei`" in text and "0.893 vs 0.897" in text
+    assert "what limits it" in text and "the labels of DSB2018" in text  # whitespace folded
+
+
+def test_reached_target_has_no_limits_line_and_baselines_use_their_own_target(tmp_path):
+    lines = target_lines("unet-nuclei", "unet", "nuclei", {"native": {"dice": 0.91}}, tmp_path, TARGETS)
+    assert "≥ 0.90; this model: 0.910, **reached**" in lines[1]
+    assert not any("limits" in ln for ln in lines) and not any("baseline `" in ln for ln in lines)
+    lines = target_lines("unet-polyps", "unet", "polyps", {"preset": {"dice": 0.6}}, tmp_path, TARGETS)
+    assert "no target for the baselines on polyps" in lines[1] and "other sequences" in lines[-1]
+    lines = target_lines("sdunet-polyps", "sdunet", "polyps", {"preset": {"dice": 0.6}}, tmp_path, TARGETS)
+    assert any("`unet-polyps` is not shipped" in ln for ln in lines)
+    assert target_lines("x", "unet", "kidney", {}, tmp_path, TARGETS) == []
+
+
+def test_liver_target_is_about_the_per_volume_dice():
+    assert card_tests({"metrics": {"protocol": "preset", "dice_3d": 0.87}})["preset"]["dice_3d"] == 0.87
+    from training.targets import test_dice
+
+    assert test_dice({"dice_3d": 0.87, "dice": 0.7}) == pytest.approx(0.87)
+
+
+def test_with_target_inserts_before_provenance_and_replaces_an_old_section():
+    card = "# m\n\nintro\n\n## Test metrics\n- a\n\n## Provenance\n- p\n"
+    once = with_target(card, ["## Target", "- t1"])
+    assert once.index("## Target") < once.index("## Provenance") and "- t1" in once
+    twice = with_target(once, ["## Target", "- t2"])
+    assert twice.count("## Target") == 1 and "- t2" in twice and "- t1" not in twice
+    assert with_target(twice, []) == with_target(card, [])
+    assert "intro" in twice and "- a\n" in twice and twice.endswith("- p\n")
+
+
+def test_refresh_cards_rewrites_only_campaign_models(tmp_path):
+    a = _model(tmp_path, "sdunet-nuclei", "sdunet", "nuclei", 0.898)
+    _model(tmp_path, "unet-nuclei", "unet", "nuclei", 0.8978)
+    other = tmp_path / "user-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"task": "nuclei"}))
+    (other / "README.md").write_text("# mine\n")
+    cards = refresh_cards(tmp_path)
+    assert sorted(c.parent.name for c in cards) == ["sdunet-nuclei", "unet-nuclei"]
+    text = (a / "README.md").read_text()
+    assert "## Target" in text and "0.898 vs 0.898" in text and "at least matches" in text
+    assert (other / "README.md").read_text() == "# mine\n"
+    assert refresh_cards(tmp_path, ["unet-nuclei"])[0].parent.name == "unet-nuclei"
+
+
+def test_every_shipped_campaign_card_has_its_target_section():
+    from napari_sdunet.zoo import PACKAGE_WEIGHTS
+
+    for cfg_file in PACKAGE_WEIGHTS.glob("*/config.json"):
+        if json.loads(cfg_file.read_text()).get("campaign"):
+            card = (cfg_file.parent / "README.md").read_text()
+            assert "\n## Target\n" in card, cfg_file.parent.name
