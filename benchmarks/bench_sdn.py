@@ -132,8 +132,8 @@ def split_impl(label: str) -> tuple[str, str | None]:
     """``"fast:rows=0"`` -> ("fast", "0"): an implementation, and the rows per chunk of a step
     (``NAPARI_SDUNET_SWEEP_CHUNK_ROWS``; 0 = whole steps) it runs with; None: the caller's setting."""
     impl, _, opt = label.partition(":")
-    if opt and not opt.startswith("rows="):
-        raise SystemExit(f"unknown option {opt!r} of {label!r} (expected IMPL:rows=N)")
+    if opt and not (opt.startswith("rows=") and opt[5:].isdigit()):
+        raise SystemExit(f"unknown option {opt!r} of {label!r} (expected IMPL:rows=N, N a whole number)")
     return impl, (opt[5:] if opt else None)
 
 
@@ -143,50 +143,52 @@ def bench_sweeps(args, device: torch.device, ceilings: dict) -> list[dict]:
     cells = [SDNCell(args.state).to(device=device) for _ in (0, 2)]
     rows = []
     chunk_env = os.environ.get("NAPARI_SDUNET_SWEEP_CHUNK_ROWS")
-    for size in args.sizes:
-        x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device)
-        if args.layout == "channels_last":  # as in the training campaign: the SDN state is NHWC
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        impls = [i for i in args.impls if i != "naive" or size < args.naive_below]
-        for impl in impls:
-            for backward in (False, True):
-                # bf16 implementations sweep a bf16 state, as under autocast in the campaign (the
-                # project-in conv and tanh give bf16); --fp32-lines feeds them fp32 instead
-                xin = x0.bfloat16() if precision_of(impl) == "bf16" and not args.fp32_lines else x0
+    try:
+        for size in args.sizes:
+            x0 = torch.tanh(torch.randn(args.batch, args.state, size, size, generator=gen)).to(device)
+            if args.layout == "channels_last":  # as in the training campaign: the SDN state is NHWC
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            impls = [i for i in args.impls if i != "naive" or size < args.naive_below]
+            for impl in impls:
+                for backward in (False, True):
+                    # bf16 implementations sweep a bf16 state, as under autocast in the campaign (the
+                    # project-in conv and tanh give bf16); --fp32-lines feeds them fp32 instead
+                    xin = x0.bfloat16() if precision_of(impl) == "bf16" and not args.fp32_lines else x0
 
-                def run(impl=impl, backward=backward, x0=xin):
-                    impl, rows = split_impl(impl)
-                    if rows is not None:
-                        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = rows
-                    elif chunk_env is None:
-                        os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
-                    else:
-                        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_env
-                    x = x0.detach().requires_grad_(backward)
-                    s = x
-                    with torch.set_grad_enabled(backward):
-                        for d, c in zip((0, 2), cells):
-                            p = (c.weight_in, c.bias_in, c.weight_prior, c.bias_prior)
-                            s = sweep_naive(s, *p, d) if impl == "naive" else sweep(s, *p, d, impl=impl)
-                        if backward:
-                            s.backward(torch.ones_like(s))
-                            for c in cells:
-                                c.zero_grad(set_to_none=True)
+                    def run(impl=impl, backward=backward, x0=xin):
+                        impl, chunk_rows = split_impl(impl)
+                        if chunk_rows is not None:
+                            os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_rows
+                        elif chunk_env is None:
+                            os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
+                        else:
+                            os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_env
+                        x = x0.detach().requires_grad_(backward)
+                        s = x
+                        with torch.set_grad_enabled(backward):
+                            for d, c in zip((0, 2), cells):
+                                p = (c.weight_in, c.bias_in, c.weight_prior, c.bias_prior)
+                                s = sweep_naive(s, *p, d) if impl == "naive" else sweep(s, *p, d, impl=impl)
+                            if backward:
+                                s.backward(torch.ones_like(s))
+                                for c in cells:
+                                    c.zero_grad(set_to_none=True)
 
-                reps = args.repeats if size < 96 else args.repeats_96
-                t = best_time(run, reps, device)
-                flops = sweep_flops(size, size, args.state, args.batch) * (3 if backward else 1)
-                pas = "fwd+bwd" if backward else "fwd"
-                prec = precision_of(impl)
-                gf = flops / t / 1e9
-                rows.append({"size": size, "impl": impl, "precision": prec, "pass": pas, "seconds": t,
-                             "gflops": gf, "pct_gemm": 100 * gf / ceilings[prec, size][pas]})
-                print(f"  sweep {size}x{size} {impl:>18} {pas:>7}: {t:8.3f} s {gf:7.1f} GFLOP/s "
-                      f"({rows[-1]['pct_gemm']:.0f} % of same-shape {prec} GEMM)", flush=True)
-    if chunk_env is None:  # the variants' chunk settings do not outlive the table
-        os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
-    else:
-        os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_env
+                    reps = args.repeats if size < 96 else args.repeats_96
+                    t = best_time(run, reps, device)
+                    flops = sweep_flops(size, size, args.state, args.batch) * (3 if backward else 1)
+                    pas = "fwd+bwd" if backward else "fwd"
+                    prec = precision_of(impl)
+                    gf = flops / t / 1e9
+                    rows.append({"size": size, "impl": impl, "precision": prec, "pass": pas, "seconds": t,
+                                 "gflops": gf, "pct_gemm": 100 * gf / ceilings[prec, size][pas]})
+                    print(f"  sweep {size}x{size} {impl:>18} {pas:>7}: {t:8.3f} s {gf:7.1f} GFLOP/s "
+                          f"({rows[-1]['pct_gemm']:.0f} % of same-shape {prec} GEMM)", flush=True)
+    finally:
+        if chunk_env is None:  # the variants' chunk settings do not outlive the table
+            os.environ.pop("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", None)
+        else:
+            os.environ["NAPARI_SDUNET_SWEEP_CHUNK_ROWS"] = chunk_env
     for r in rows:
         base = [b for b in rows if b["size"] == r["size"] and b["pass"] == r["pass"] and b["impl"] == "naive"]
         r["speedup_vs_naive"] = base[0]["seconds"] / r["seconds"] if base else None

@@ -21,6 +21,7 @@ def test_bench_train_step_prints_modes_and_sd_baseline_ratios(capsys, one_torch_
 
 
 def test_bench_sdn_reports_host_and_same_shape_gemm_percentages(capsys, one_torch_thread, tmp_path):
+    before = os.environ.get("NAPARI_SDUNET_SWEEP_CHUNK_ROWS")
     bench_sdn(["--sizes", "6", "--batch", "1", "--state", "8", "--repeats", "1", "--mm-size", "64",
                "--mm-repeats", "1", "--no-steps", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
@@ -30,15 +31,16 @@ def test_bench_sdn_reports_host_and_same_shape_gemm_percentages(capsys, one_torc
     got = {(r["precision"], r["impl"]) for r in res["sweeps"]}
     assert {("fp32", "fast"), ("fp32", "fast:rows=0"), ("bf16", "fast_bf16"), ("bf16", "fast_bf16:rows=256")} <= got
     assert all(r["pct_gemm"] > 0 for r in res["sweeps"])
-    assert "NAPARI_SDUNET_SWEEP_CHUNK_ROWS" not in os.environ  # a variant's setting does not leak
+    assert os.environ.get("NAPARI_SDUNET_SWEEP_CHUNK_ROWS") == before  # a variant's setting does not leak
 
 
 def test_bench_sdn_rejects_an_unknown_variant_option():
     from benchmarks.bench_sdn import split_impl
 
     assert split_impl("fast") == ("fast", None) and split_impl("fast:rows=0") == ("fast", "0")
-    with pytest.raises(SystemExit, match="IMPL:rows=N"):
-        split_impl("fast:chunks=3")
+    for bad in ("fast:chunks=3", "fast:rows=x", "fast:rows=-5"):
+        with pytest.raises(SystemExit, match="IMPL:rows=N"):
+            split_impl(bad)
 
 
 def test_bench_inference_times_predict_on_image_and_volume(capsys, one_torch_thread):

@@ -22,7 +22,7 @@ from napari_sdunet.train_loop import evaluate_dice
 
 from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder, val_batch_size
 from .ship import DATA_TERMS, pct
-from .targets import target_lines, with_target
+from .targets import target_lines, warm_start_name, with_target
 
 VAL_METRIC_TEXT = {"image": "per image, mean",
                    "group": "per volume: Dice pooled over each validation volume's slices, mean over volumes"}
@@ -295,7 +295,8 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
     crec.update(val_dice_shipped=new_val, partial=partial, replaced_val_dice=old_val, val_metric=metric,
                 val_dice_by_metric={k: round(v, 6) for k, v in new_scores.items()})
     card = model_card(entry, rec, tests, new_val, old_val, partial)
-    card = with_target(card, target_lines(entry.name, entry.arch, entry.task, tests, target.parent))
+    card = with_target(card, target_lines(entry.name, entry.arch, entry.task, tests, target.parent,
+                                          started_from=warm_start_name(rec)))
     shipped, _ = load_checkpoint(folder)
     primary = "native" if "native" in tests else "preset"
     others = {k: v for k, v in tests.items() if k != primary}
@@ -337,7 +338,8 @@ def _finished_on_shipped(entry: RunEntry, camp: Campaign, rec: dict[str, Any], t
     tests = {raw["metrics"].get("protocol", "preset"): raw["metrics"], **(raw.get("metrics_other") or {})}
     card = model_card(entry, dict(rec, best_step=old.get("best_step")), tests, old_val, None, False)
     card = card.replace("## Validation\n", f"## Validation\n- {note}\n", 1)
-    card = with_target(card, target_lines(entry.name, entry.arch, entry.task, tests, target.parent))
+    card = with_target(card, target_lines(entry.name, entry.arch, entry.task, tests, target.parent,
+                                          started_from=warm_start_name(rec)))
     raw["campaign"] = crec
     with atomic_path(target / "config.json") as tmp:
         tmp.write_text(json.dumps(raw, indent=2) + "\n")

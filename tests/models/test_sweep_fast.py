@@ -97,7 +97,7 @@ def test_fast_float32_matches_reference_at_paper_state(impl, gemm, hw, monkeypat
 @pytest.mark.parametrize("hw", [(6, 9), (9, 6)])
 def test_fast_in_chunks_of_lines_matches_reference(rows, hw, monkeypatch):
     # a step runs in chunks of whole lines (fp32 by default, bf16 when asked): 1 row -> one line per
-    # chunk; 20 rows -> 2 or 3 lines, so with 3 lines per step one chunk is shorter than the others
+    # chunk; 20 rows -> 2 lines of 9 (a chunk of 2 lines, then one of 1) or 3 lines of 6 (the whole step)
     if sweep_cpp.ops() is None:
         pytest.skip("the C++ kernels are not built on this machine")
     monkeypatch.setenv("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", rows)
@@ -130,6 +130,22 @@ def test_fast_in_chunks_of_lines_matches_reference(rows, hw, monkeypatch):
     torch.testing.assert_close(chunked.float(), whole.float(), rtol=0, atol=1e-2)
     for a, b in zip(grads, _grads(whole.float(), gb, [xb, *p32])):
         assert _rel(a.float(), b.float()) < 1e-2
+
+
+def test_fast_default_chunks_of_a_long_step_match_reference(monkeypatch):
+    # the rule as training uses it (no variable set): an fp32/fp64 step of more than 512 rows runs in
+    # chunks of whole lines (here 3 lines of 180 cells: one line per chunk)
+    if sweep_cpp.ops() is None:
+        pytest.skip("the C++ kernels are not built on this machine")
+    monkeypatch.delenv("NAPARI_SDUNET_SWEEP_CHUNK_ROWS", raising=False)
+    x, params = _setup(3, (4, 180), B=3)
+    g = torch.randn(3, 3, 4, 180, dtype=torch.float64)
+    for direction in (2, 3):  # lines along the 180-wide axis
+        y = sweep(x, *params, direction, impl="fast")
+        want = sweep_reference(x, *params, direction)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+        for a, b in zip(_grads(y, g, [x, *params]), _grads(want, g, [x, *params])):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
 
 def test_fast_without_grad_matches_and_keeps_no_graph():

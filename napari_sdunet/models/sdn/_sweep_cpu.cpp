@@ -320,7 +320,9 @@ void copy_taps(const G* line_pad, G* u, int64_t b0, int64_t b1, int64_t L, int64
 // the chunk buffers are the same memory at every chunk and step (at 96x96 on a Zen 4 core: forward+backward
 // from 69 to 82 % of the same-shape GEMM rate, benchmarks/bench_sdn.py). bf16 steps gain nothing (their gate pass is bound by writing the saved factors, which backward
 // reads later) and run whole. NAPARI_SDUNET_SWEEP_CHUNK_ROWS overrides: rows (cells) per chunk, rounded
-// to whole lines; 0 = one chunk (the whole step). By default steps of at most 512 rows run whole.
+// to whole lines; 0 (or a negative or unreadable value) = one chunk, the whole step. By default steps of at
+// most 512 rows run whole. (On the oneDNN path the GEMM results are fresh tensors, which malloc hands back
+// from the same freed chunk-sized blocks.)
 int64_t chunk_items(int64_t B, int64_t L, bool lp) {
   const char* e = std::getenv("NAPARI_SDUNET_SWEEP_CHUNK_ROWS");
   const int64_t rows = e ? std::atoll(e) : (lp ? 0 : 256);
@@ -429,6 +431,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
   at::Tensor dx = pooled_empty(grad.sizes(), grad.options());
   const int64_t nb = chunk_items(B, L, lp), MC = nb * L;
   at::Tensor dxs = bf16_io ? at::empty({MC, S}, fo) : at::Tensor();  // the direct path of a chunk, in fp32
+  T* const dxs_p = bf16_io ? dxs.data_ptr<T>() : nullptr;
   at::Tensor dw_in_p = at::zeros({S3, S3}, fo);  // rows in the gate order of D: [n, r, z]
   at::Tensor dw_h = at::zeros({S3, S}, fo);
   const int nth = at::get_num_threads();
@@ -466,7 +469,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& 
       G* Dp = D.data_ptr<G>();
       // where the direct path of row m goes: the fp32 scratch of the chunk, or dx itself
       auto dxd = [&](int64_t m) -> T* {
-        if constexpr (bf16_io) return dxs.data_ptr<T>() + (m - m0) * S;
+        if constexpr (bf16_io) return dxs_p + (m - m0) * S;
         else return dxt + m * S;
       };
       at::parallel_for(m0, m0 + mc, 64, [&](int64_t lo, int64_t hi) {
