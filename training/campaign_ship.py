@@ -22,7 +22,7 @@ from napari_sdunet.train_loop import evaluate_dice
 
 from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder, val_batch_size
 from .ship import DATA_TERMS, pct
-from .targets import target_lines, warm_start_name, with_target
+from .targets import card_tests, figure_of, target_lines, warm_start_name, with_target
 
 VAL_METRIC_TEXT = {"image": "per image, mean",
                    "group": "per volume: Dice pooled over each validation volume's slices, mean over volumes"}
@@ -335,7 +335,7 @@ def _finished_on_shipped(entry: RunEntry, camp: Campaign, rec: dict[str, Any], t
     note = (f"the run finished at step {rec['step']}; its best weights (step {rec.get('best_step')}) validated "
             f"{pct(new_val)}, not better than these step-{old.get('best_step')} weights shipped before "
             f"({pct(old_val)}, measured the same way at ship time), so these stay")
-    tests = {raw["metrics"].get("protocol", "preset"): raw["metrics"], **(raw.get("metrics_other") or {})}
+    tests = card_tests(raw)
     card = model_card(entry, dict(rec, best_step=old.get("best_step")), tests, old_val, None, False)
     card = card.replace("## Validation\n", f"## Validation\n- {note}\n", 1)
     card = with_target(card, target_lines(entry.name, entry.arch, entry.task, tests, target.parent,
@@ -352,7 +352,4 @@ def _finished_on_shipped(entry: RunEntry, camp: Campaign, rec: dict[str, Any], t
 
 
 def _short(tests: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for k, m in tests.items():
-        out[k] = round(float(m.get("dice", m.get("dice_3d", float("nan")))), 4)
-    return out
+    return {k: round(figure_of(m) if figure_of(m) is not None else float("nan"), 4) for k, m in tests.items()}
