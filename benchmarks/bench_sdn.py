@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_train_step  # noqa: E402
+from benchmarks.bench_train_step import sweep_flops  # noqa: E402
 from benchmarks.sweep_naive import sweep_naive  # noqa: E402
 from napari_sdunet.models import create_model  # noqa: E402
 from napari_sdunet.models.sdn.cpu import (  # noqa: E402
@@ -116,11 +117,6 @@ def sweep_gemm_gflops(m: int, S: int, dtype: torch.dtype, device: torch.device, 
     for pas, names in (("fwd", [n for n, v in gemms.items() if v[2] == "fwd"]), ("fwd+bwd", list(gemms))):
         res[pas] = sum(gemms[n][0] for n in names) / sum(secs[n] for n in names) / 1e9
     return res
-
-
-def sweep_flops(h: int, w: int, S: int, B: int, directions=(0, 2)) -> float:
-    cells = sum(h * (w - 1) if d in (0, 1) else w * (h - 1) for d in directions)
-    return 24.0 * S * S * cells * B
 
 
 def precision_of(impl: str) -> str:

@@ -9,6 +9,11 @@ and modes) after one warm-up round, the ratios between modes, and the step-time 
 SDNU-Net / U-Net++ at the same precision (issue 13's targets). ``bf16_cl`` is what the training
 campaign runs: ``model.to(memory_format=torch.channels_last)``, channels_last input and
 ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+
+It also counts each network's model FLOPs per step (convolutions and SDN sweeps, forward + backward =
+3x forward; BatchNorm, activations, pooling and the gate elementwise work are not counted) and prints the
+GFLOP/s each step reaches, so that a step-time ratio splits into the FLOP ratio times the ratio of the two
+networks' rates: a ratio below the FLOP ratio needs the SD network to run faster per FLOP than its baseline.
 """
 
 from __future__ import annotations
@@ -24,12 +29,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from napari_sdunet.losses import dice_bce_loss  # noqa: E402
 from napari_sdunet.models import create_model, list_models  # noqa: E402
+from napari_sdunet.models.sdn.layer import SDN  # noqa: E402
 from napari_sdunet.tasks import TASKS  # noqa: E402
 
 #: mode -> (bf16 autocast, channels_last)
 MODES = {"fp32": (False, False), "fp32_cl": (False, True), "bf16_cl": (True, True), "bf16": (True, False)}
 #: SD network -> its convolutional baseline
 PAIRS = {"sdunet": "unet", "sdnunet": "unetpp"}
+
+
+def sweep_flops(h: int, w: int, S: int, B: int, directions=(0, 2)) -> float:
+    """Forward FLOPs of an SDN layer's sweeps: 24 S^2 per updated cell (12 S^2 MACs: 9 S^2 recurrent,
+    3 S^2 prior); the first line of each sweep has no previous line and is not updated."""
+    cells = sum(h * (w - 1) if d in (0, 1) else w * (h - 1) for d in directions)
+    return 24.0 * S * S * cells * B
+
+
+def step_flops(arch: str, task: str, size: list[int], batch: int) -> float:
+    """Model FLOPs of one training step: 3x the forward FLOPs of the convolutions and the SDN sweeps."""
+    model = create_model(arch, task).eval()
+    total = [0.0]
+
+    def conv(m: torch.nn.Module, inp, out) -> None:
+        # a Conv2d's weight is (out, in/groups, kh, kw): each output value costs in/groups*kh*kw MACs;
+        # a ConvTranspose2d's is (in, out/groups, kh, kw): each input value costs out/groups*kh*kw MACs
+        per = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+        total[0] += 2.0 * per * (inp[0].numel() if isinstance(m, torch.nn.ConvTranspose2d) else out.numel())
+
+    def sdn(m: SDN, inp, out) -> None:
+        b, _, h, w = inp[0].shape
+        total[0] += sweep_flops(h, w, m.cells[0].state, b, m.directions)
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(conv)
+        elif isinstance(m, SDN):
+            m.register_forward_hook(sdn)
+    with torch.no_grad():
+        model(torch.zeros(batch, model.in_channels, *size))
+    return 3.0 * total[0]
 
 
 def make_step(arch: str, task: str, size: list[int], batch: int, mode: str, sdn_impl: str | None = None):
@@ -83,8 +121,9 @@ def run(archs: list[str], modes: list[str], task: str, size: list[int], batch: i
     return res
 
 
-def table(res: dict[str, dict[str, float]], modes: list[str]) -> list[str]:
-    """Markdown table: seconds per step per mode, ratios to the first mode, and SD / baseline ratios."""
+def table(res: dict[str, dict[str, float]], modes: list[str], flops: dict[str, float] | None = None) -> list[str]:
+    """Markdown table: seconds per step per mode, ratios to the first mode, and SD / baseline ratios;
+    with ``flops`` (model FLOPs per step) also GFLOP per step, GFLOP/s per mode and the FLOP ratios."""
     lines = ["| network | " + " | ".join(f"{m} s/step" for m in modes) + " | "
              + " | ".join(f"{modes[0]} / {m}" for m in modes[1:]) + " |",
              "|---|" + "---:|" * (2 * len(modes) - 1)]
@@ -96,6 +135,20 @@ def table(res: dict[str, dict[str, float]], modes: list[str]) -> list[str]:
         lines += ["", "| step-time ratio | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
         for sd, base in pairs:
             lines.append(f"| {sd} / {base} | " + " | ".join(f"{res[sd][m] / res[base][m]:.2f}" for m in modes) + " |")
+    if flops:
+        lines += ["", "| network | GFLOP/step | " + " | ".join(f"{m} GFLOP/s" for m in modes) + " |",
+                  "|---|---:|" + "---:|" * len(modes)]
+        for arch, row in res.items():
+            lines.append(f"| {arch} | {flops[arch] / 1e9:.1f} | "
+                         + " | ".join(f"{flops[arch] / row[m] / 1e9:.1f}" for m in modes) + " |")
+        if pairs:
+            # step-time ratio = FLOP ratio x (baseline GFLOP/s / SD GFLOP/s): the second factor per mode
+            lines += ["", "| pair | FLOP ratio | " + " | ".join(f"{m}: baseline / SD GFLOP/s" for m in modes) + " |",
+                      "|---|---:|" + "---:|" * len(modes)]
+            for sd, base in pairs:
+                fr = flops[sd] / flops[base]
+                lines.append(f"| {sd} / {base} | {fr:.2f} | " + " | ".join(
+                    f"{(res[sd][m] / res[base][m]) / fr:.2f}" for m in modes) + " |")
     return lines
 
 
@@ -114,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     size = [int(v) for v in a.size.split("x")] if a.size else list(TASKS[a.task].preprocessing.input_size)
     print(f"{a.task} {size[0]}x{size[1]}, batch {a.batch}, {a.threads} thread(s), best of {a.repeats} steps")
     res = run(a.archs, a.modes, a.task, size, a.batch, a.repeats, a.sdn_impl)
+    flops = {arch: step_flops(arch, a.task, size, a.batch) for arch in a.archs}
     print()
-    print("\n".join(table(res, a.modes)))
+    print("\n".join(table(res, a.modes, flops)))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,38 @@ def test_bench_train_step_prints_modes_and_sd_baseline_ratios(capsys, one_torch_
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("nuclei 16x16, batch 1")
-    rows = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| unet |") or ln.startswith("| sdunet |")}
+    rows = {}  # the first table's rows (the GFLOP table below has rows of the same names)
+    for ln in lines:
+        if ln.startswith(("| unet |", "| sdunet |")):
+            rows.setdefault(ln.split("|")[1].strip(), ln)
     assert set(rows) == {"unet", "sdunet"} and all(r.rstrip(" |").endswith("x") for r in rows.values())
     assert "| sdunet / unet |" in out
+    flop_rows = [ln for ln in lines if ln.startswith("| sdunet / unet |")]
+    assert len(flop_rows) == 2  # the step-time ratios, then the FLOP ratio and the rate ratios
+    assert "| network | GFLOP/step | fp32 GFLOP/s | bf16_cl GFLOP/s |" in out
+
+
+@pytest.mark.parametrize("arch", ["unet", "unetpp", "sdunet", "sdnunet"])
+def test_step_flops_agree_with_torch_flop_counter(arch):
+    """The benchmark's model FLOPs (hooks on convolutions, the sweep formula for SDN layers) against
+    torch's own counter run on the plain-loop sweep, whose per-line GEMMs it sees: convolutional nets
+    exactly; SD nets within 2 % (the loop also multiplies the first line of each sweep, which the
+    formula, as the spec, does not count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_train_step import step_flops
+    from napari_sdunet.models import create_model
+
+    model = create_model(arch, "nuclei", **({"sdn_impl": "loop"} if arch.startswith("sd") else {})).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(2, model.in_channels, 24, 32))
+    torch_flops = 3 * counter.get_total_flops()
+    ours = step_flops(arch, "nuclei", [24, 32], 2)
+    if arch.startswith("sd"):
+        assert 0.98 * torch_flops <= ours < torch_flops
+    else:
+        assert ours == torch_flops
 
 
 def test_bench_sdn_reports_host_and_same_shape_gemm_percentages(capsys, one_torch_thread, tmp_path):
