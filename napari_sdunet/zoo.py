@@ -141,7 +141,7 @@ def summary_of(name_or_folder: str | os.PathLike) -> dict[str, Any]:
 
 def describe(name: str, summary: dict[str, Any], origin: str) -> str:
     """A model's label in the widgets: name, task and the Dice its config records, e.g.
-    ``sdunet-polyps: polyps, test Dice 0.454 (shipped)``."""
+    ``sdunet-polyps: polyps, test Dice 0.624 (shipped)``."""
     parts = [summary.get("task") or "task unknown"]
     if summary.get("finetuned_dice") is not None:
         parts.append(f"fine-tuned, held-out Dice {summary['finetuned_dice']:.3f}")

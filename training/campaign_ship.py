@@ -245,7 +245,10 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         + (f"; the model it replaced: {pct(old_val)}" if old_val is not None else ""),
         *([f"- the recipe changed at step {rec['scoring_changed']['step']}: validation is scored "
            f"{VAL_METRIC_TEXT[rec['scoring_changed']['val_metric']]} from there on (the learning curve's "
-           "earlier points are scored per image), and the best weights were chosen among the later points"]
+           "earlier points are scored per image), and "
+           + ("the best weights were chosen among the later points"
+              if rec["best_step"] >= rec["scoring_changed"]["step"]
+              else "these weights, from before the change, were scored that way at ship time")]
           if rec.get("scoring_changed") else []),
         "- learning curve: ![learning curve](learning_curve.png)", "",
         "## Test metrics (fp16 weights as shipped; the test split was never used for selection)",

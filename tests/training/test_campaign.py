@@ -384,6 +384,11 @@ def test_a_changed_validation_metric_rescores_the_best_on_resume(tmp_path, monke
     assert crec["val_metric"] == "group" and crec["val_dice_by_metric"]["group"] == round(crec["val_dice_shipped"], 6)
     card = (folder / "README.md").read_text()
     assert "per volume" in card and "the recipe changed at step 4" in card
+    assert "the best weights were chosen among the later points" in card  # best step 8, after the change
+    done = json.loads((camp.run_dir(camp.runs[0]) / "done.json").read_text())
+    older = ship.model_card(camp.runs[0], dict(done, best_step=2), {}, 0.5, None, False)  # best from before it
+    assert "these weights, from before the change, were scored that way at ship time" in older
+    assert "chosen among the later points" not in older
     monkeypatch.setattr(ship, "shipped_folder", lambda e: folder)
     scores = ship.rescore_shipped(camp.runs[0], camp, data_root=str(data))
     again = json.loads((folder / "config.json").read_text())["campaign"]["val_dice_by_metric"]
