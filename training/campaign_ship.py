@@ -335,9 +335,14 @@ def _finished_on_shipped(entry: RunEntry, camp: Campaign, rec: dict[str, Any], t
     crec.update(kept, best_val_dice=old_val, val_dice_shipped=old_val, partial=False,
                 val_metric=entry.recipe.val_metric, weights_of_step=old.get("best_step"),
                 finished_best=new_val, finished_best_step=rec.get("best_step"))
-    note = (f"the run finished at step {rec['step']}; its best weights (step {rec.get('best_step')}) validated "
-            f"{pct(new_val)}, not better than these step-{old.get('best_step')} weights shipped before "
-            f"({pct(old_val)}, measured the same way at ship time), so these stay")
+    if rec.get("best_step") == old.get("best_step"):
+        note = (f"the run finished at step {rec['step']}; no later step validated better than step "
+                f"{rec.get('best_step')}, whose weights were shipped before (as a partial), so these stay "
+                f"({pct(old_val)} as shipped in fp16, {pct(new_val)} in the run's fp32)")
+    else:
+        note = (f"the run finished at step {rec['step']}; its best weights (step {rec.get('best_step')}) validated "
+                f"{pct(new_val)}, not better than these step-{old.get('best_step')} weights shipped before "
+                f"({pct(old_val)}, measured the same way at ship time), so these stay")
     tests = card_tests(raw)
     card = model_card(entry, dict(rec, best_step=old.get("best_step")), tests, old_val, None, False)
     card = card.replace("## Validation\n", f"## Validation\n- {note}\n", 1)

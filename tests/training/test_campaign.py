@@ -419,6 +419,9 @@ def test_a_finished_run_that_does_not_beat_its_shipped_partial_keeps_it_and_says
     assert c["finished_best"] == 0.10 and after["weights"] == before["weights"]  # the same weights file
     card = (folder / "README.md").read_text()
     assert "so these stay" in card and "trained 8 steps" in card and "unfinished" not in card
+    same_step = rec["best_step"] == before["campaign"]["best_step"]  # the partial held the run's best step
+    assert ("no later step validated better" in card) == same_step
+    assert ("not better than these step-" in card) == (not same_step)
     assert card.count("## Target") == 1
     # a later `campaign run` sees the run as finished (here and on a new machine)
     import shutil
