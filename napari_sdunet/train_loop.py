@@ -8,6 +8,7 @@ folder, runs mixed precision on CUDA, and works under torch DDP (``torchrun``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +58,7 @@ class FitConfig:
     channels_last: bool = False  # NHWC weights and inputs (faster convolutions on many CPUs)
     state_every_s: float | None = None  # also rewrite the resume state after this many seconds
     val_metric: str = "image"  # "image" or "group" (per CT volume): see VAL_METRICS
+    micro_batches: int = 1  # each step's batch in this many parts, gradients summed: less activation memory
 
 
 def lr_factor(cfg: FitConfig, step: int, total: int) -> float:
@@ -315,6 +317,28 @@ class Validator:
         return patience is not None and self.checks_since_best >= patience
 
 
+def accumulate_gradients(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, parts: int,
+                         scaler: torch.amp.GradScaler, dtype: torch.dtype, autocast: bool, world: int = 1) -> float:
+    """Forward and backward one batch in ``parts`` pieces, summing the gradients; returns the batch loss.
+
+    Each piece's loss is weighted by its share of the batch, so the summed gradient is the whole batch's
+    (the loss is a mean over samples and pixels); only BatchNorm sees smaller batches. A batch that
+    does not fit in memory at once trains in pieces that do.
+    """
+    xs, ys = x.chunk(parts), y.chunk(parts)
+    total = 0.0
+    for i, (xc, yc) in enumerate(zip(xs, ys)):
+        last = i == len(xs) - 1
+        sync = net.no_sync() if world > 1 and not last else contextlib.nullcontext()  # one all-reduce a step
+        with sync:
+            with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
+                logits = net(xc)
+            loss = dice_bce_loss(logits.float(), yc) * (xc.shape[0] / x.shape[0])
+            scaler.scale(loss).backward()
+        total += float(loss.detach())
+    return total
+
+
 def fit(
     model: torch.nn.Module,
     train_set: Any,
@@ -409,6 +433,9 @@ def fit(
                         seconds=time.perf_counter() - t0))
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    micro = int(cfg.micro_batches)
+    if micro < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {cfg.micro_batches!r}")
     while step < total and not (cancelled or stopped_early):
         epoch = step // steps_per_epoch
         if should_stop is not None and should_stop():
@@ -419,18 +446,15 @@ def fit(
         y = y.to(dev, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(cfg, step, total)
-        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=use_amp or use_bf16):
-            logits = net(x)
-        loss = dice_bce_loss(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = accumulate_gradients(net, x, y, micro, scaler, autocast_dtype, use_amp or use_bf16, world)
         if cfg.grad_clip:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(train_params, cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
         step += 1
-        running.append(float(loss.detach()))
+        running.append(loss)
         report(Progress("step", step, total, epoch, loss=running[-1], best_val_dice=val.best_dice,
                         seconds=time.perf_counter() - t0))
         if step % val_every == 0 or step == total:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from napari_sdunet.batches import SegDataset
@@ -187,3 +188,35 @@ def test_fit_validates_by_the_metric_it_is_given():
         assert "val_metric" in str(e)
     else:
         raise AssertionError("an unknown metric must be refused")
+
+
+def test_micro_batches_sum_to_the_whole_batch_gradient():
+    """A batch in pieces gives the whole batch's gradient (uneven pieces too) where no BatchNorm sees the
+    pieces, and fit() with micro_batches trains to the same weights."""
+    from napari_sdunet.train_loop import accumulate_gradients
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 1, 1))
+    data = _blobs(5)
+    x, y = data.images.float(), data.masks.float()
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    grads = []
+    for parts in (1, 2, 3):
+        net.zero_grad()
+        loss = accumulate_gradients(net, x, y, parts, scaler, torch.bfloat16, False)
+        grads.append(([p.grad.clone() for p in net.parameters()], loss))
+    for g, loss in grads[1:]:
+        assert abs(loss - grads[0][1]) < 1e-5
+        for a, b in zip(g, grads[0][0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def trained(micro):
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 1, 1))
+        fit(m, _blobs(8), None, FitConfig(epochs=2, lr=1e-2, batch_size=4, micro_batches=micro), device="cpu")
+        return [p.detach().clone() for p in m.parameters()]
+
+    for a, b in zip(trained(1), trained(2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="micro_batches"):
+        fit(net, _blobs(4), None, FitConfig(epochs=1, batch_size=2, micro_batches=0), device="cpu")

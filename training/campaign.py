@@ -44,7 +44,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 #: keys added after runs were shipped: left out of a recipe's digest while they hold their default, so
 #: that the shipped runs of recipes that do not set them keep their digest (and are not trained again)
 LATER_KEYS = {"val_metric": "image"}
-RUN_KEYS = {"name", "arch", "recipe", "steps", "budget_cpu_hours", "init", "seed", "ship"}
+RUN_KEYS = {"name", "arch", "recipe", "steps", "budget_cpu_hours", "init", "seed", "ship", "micro_batches"}
 
 
 class CampaignError(ValueError):
@@ -94,6 +94,9 @@ class RunEntry:
     init: str = "none"  # "none" | "shipped" | "baseline" | a checkpoint folder
     seed: int = 0
     ship: bool = True
+    #: on a CPU, each step's batch in this many pieces (gradients summed): the same batch and loss in less
+    #: memory (BatchNorm sees the pieces). Not part of the recipe: how a host fits the step, like threads.
+    micro_batches: int = 1
 
     @property
     def task(self) -> str:
@@ -106,6 +109,7 @@ class Campaign:
     runs_dir: Path
     state_every_s: float
     runs: list[RunEntry] = field(default_factory=list)
+    max_rss_gb: float | None = None  # a run whose peak RSS passes this says so in its log
 
     def run_dir(self, entry: RunEntry) -> Path:
         return self.runs_dir / entry.name
@@ -155,11 +159,17 @@ def load_campaign(path: str | os.PathLike, runs_dir: str | None = None) -> Campa
         if name in seen:
             raise CampaignError(f"two runs are named {name!r}")
         seen.add(name)
+        micro = raw.get("micro_batches", 1)
+        if not isinstance(micro, int) or not 1 <= micro <= recipes[raw["recipe"]].batch_size:
+            raise CampaignError(f"run {name!r}: micro_batches must be a whole number from 1 to the batch size "
+                                f"({recipes[raw['recipe']].batch_size}), got {micro!r}")
         runs.append(RunEntry(name=name, arch=raw["arch"], recipe=recipes[raw["recipe"]], steps=int(raw["steps"]),
                              budget_cpu_hours=raw.get("budget_cpu_hours"), init=raw.get("init", "none"),
-                             seed=int(raw.get("seed", 0)), ship=bool(raw.get("ship", True))))
+                             seed=int(raw.get("seed", 0)), ship=bool(raw.get("ship", True)), micro_batches=micro))
+    max_rss = head.get("max_rss_gb")
     return Campaign(path=path, runs_dir=Path(where).expanduser(),
-                    state_every_s=float(head.get("state_every_minutes", 5)) * 60, runs=runs)
+                    state_every_s=float(head.get("state_every_minutes", 5)) * 60, runs=runs,
+                    max_rss_gb=float(max_rss) if max_rss is not None else None)
 
 
 # -- host ------------------------------------------------------------------------------------------
@@ -336,12 +346,12 @@ def initial_weights(entry: RunEntry, camp: Campaign) -> str | None:
     return str(Path(entry.init).expanduser())
 
 
-def choose_precision(model, train, steps: int = 2) -> dict[str, Any]:
+def choose_precision(model, train, steps: int = 2, micro_batches: int = 1) -> dict[str, Any]:
     """Time ``steps`` training steps (after one warm-up) in fp32 and in bf16 autocast, both
     channels_last, on a copy of the model; return the faster and the measured seconds per step."""
     import torch
 
-    from napari_sdunet.losses import dice_bce_loss
+    from napari_sdunet.train_loop import accumulate_gradients
 
     x, y = train.batch(0)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -349,14 +359,12 @@ def choose_precision(model, train, steps: int = 2) -> dict[str, Any]:
     for name, bf16 in (("fp32", False), ("bf16", True)):
         m = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
         best = math.inf
         for k in range(steps + 1):
             t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = m(x)
-            loss = dice_bce_loss(out.float(), y)
             opt.zero_grad()
-            loss.backward()
+            accumulate_gradients(m, x, y, micro_batches, scaler, torch.bfloat16, bf16)
             opt.step()
             if k:
                 best = min(best, time.perf_counter() - t)
@@ -491,21 +499,24 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             else:
                 info["warm_start"] = None
                 log(rd, "training from scratch (random initialisation)")
+    micro = entry.micro_batches if device == "cpu" else 1  # a GPU holds the whole batch
     if precision is None and device == "cuda":
         choice = {"precision": "bf16", "step_seconds": {}}
         log(rd, f"on {host}: bf16 autocast + channels_last (no timing: a GPU's bf16 is its fast path)")
     elif precision is None:
-        if info.get("host") == host and info.get("threads") == n_threads and "precision" in info:
+        if (info.get("host") == host and info.get("threads") == n_threads and "precision" in info
+                and info.get("micro_batches", 1) == micro):
             choice = {"precision": info["precision"], "step_seconds": info["step_seconds"]}
             log(rd, f"precision {choice['precision']} (measured earlier on this host: {choice['step_seconds']} s/step)")
         else:
-            choice = choose_precision(model, train)
+            choice = choose_precision(model, train, micro_batches=micro)
             log(rd, f"timed training steps on {host}, {n_threads} threads: {choice['step_seconds']} s/step; "
                     f"using {choice['precision']} + channels_last")
     else:
         choice = {"precision": precision, "step_seconds": info.get("step_seconds", {})}
     info.update(name=entry.name, arch=entry.arch, task=r.task, recipe=r.name, recipe_digest=r.digest(),
                 steps=entry.steps, host=host, threads=n_threads, precision=choice["precision"], device=device,
+                micro_batches=micro,
                 step_seconds=choice["step_seconds"], steps_per_epoch=train.steps_per_epoch,
                 n_train=len(train), n_val=len(val), preprocessing=prep)
     _write_json(info_path, info)
@@ -516,7 +527,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
                     lr_schedule="cosine", warmup_steps=r.warmup_steps, min_lr_factor=r.min_lr_factor,
                     optimizer=r.optimizer, channels_last=True, state_every_s=camp.state_every_s,
                     grad_clip=r.grad_clip, validate_on_stop=False, val_batch_size=val_batch_size(r),
-                    val_metric=r.val_metric)
+                    val_metric=r.val_metric, micro_batches=micro)
     budget_s = entry.budget_cpu_hours * 3600 if entry.budget_cpu_hours else None
     stop = stop or _Stop()
     t_start = time.perf_counter()
@@ -526,6 +537,7 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     if not csv_path.exists():
         csv_path.write_text("step,epoch,loss,val_dice,best_val_dice,cpu_hours,lr_factor\n")
     known_cpu = [start["cpu_seconds"]]
+    warned_rss: list[float] = []
 
     def on_progress(p: Progress) -> None:
         now = time.perf_counter()
@@ -536,8 +548,13 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
             with open(csv_path, "a") as f:
                 f.write(f"{p.step},{p.epoch},{p.loss:.5f},{p.val_dice:.5f},{p.best_val_dice:.5f},{cpu_h:.4f},"
                         f"{lr_factor(cfg, p.step - 1, p.total_steps):.4f}\n")
+            rss = peak_rss_gb()
             log(rd, f"step {p.step}/{p.total_steps} epoch {p.epoch}: loss {p.loss:.4f} val Dice {p.val_dice:.4f} "
-                    f"(best {p.best_val_dice:.4f}), {cpu_h:.2f} CPU-h, peak RSS {peak_rss_gb():.2f} GB")
+                    f"(best {p.best_val_dice:.4f}), {cpu_h:.2f} CPU-h, peak RSS {rss:.2f} GB")
+            if camp.max_rss_gb and rss > camp.max_rss_gb and not warned_rss:
+                warned_rss.append(rss)
+                log(rd, f"peak RSS {rss:.2f} GB is over the campaign's max_rss_gb = {camp.max_rss_gb:g}: "
+                        f"give this run more micro_batches (now {micro}) in {camp.path.name}")
             if p.step > start_step:  # wall seconds per step in this session, for the ETA
                 info["rate_s_per_step"] = round((now - t_start) / (p.step - start_step), 3)
                 _write_json(info_path, dict(info, step=p.step, best_val_dice=p.best_val_dice))
@@ -561,7 +578,8 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
         start_step = int(meta["step"])
         known_cpu[0] = float(meta.get("cpu_seconds", 0.0))
     log(rd, f"training {entry.arch} on {r.task} (recipe {r.name}): step {start_step} of {entry.steps}, "
-            f"{train.steps_per_epoch} steps/epoch, batch {r.batch_size}, patch {train.patch}")
+            f"{train.steps_per_epoch} steps/epoch, batch {r.batch_size}"
+            + (f" in {micro} micro-batches" if micro > 1 else "") + f", patch {train.patch}")
     res = fit(model, train, val, cfg, device=device, on_progress=on_progress, should_stop=should_stop,
               state_dir=state, state_every=None, start_step=start["step"],
               start_cpu_seconds=start["cpu_seconds"], start_best_dice=start["best_dice"], forget_best=forget_best)
@@ -588,7 +606,7 @@ def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
     """What a shipped model's config keeps of its run, so that a new machine can continue it."""
     keys = ("name", "arch", "task", "recipe", "recipe_digest", "steps", "step", "best_val_dice", "best_step",
             "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "continued", "n_train",
-            "n_val", "device", "imported", "scoring_changed")
+            "n_val", "device", "imported", "scoring_changed", "micro_batches")
     out = {k: rec.get(k) for k in keys}
     out["run"] = out.pop("name")
     return out

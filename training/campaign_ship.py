@@ -232,7 +232,10 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         "## Recipe",
         f"- loss 0.5 BCE + (1 - soft Dice); {r.optimizer} lr {r.lr:g} (weight decay {r.weight_decay:g}), "
         f"{r.warmup_steps} warm-up steps then cosine to {r.min_lr_factor:g} x lr over {entry.steps} steps; "
-        f"batch {r.batch_size}" + (f", random {r.patch[0]}x{r.patch[1]} patches" if r.patch else "")
+        f"batch {r.batch_size}"
+        + (f" (as {rec['micro_batches']} micro-batches, gradients summed, to keep the step's memory down)"
+           if (rec.get("micro_batches") or 1) > 1 else "")
+        + (f", random {r.patch[0]}x{r.patch[1]} patches" if r.patch else "")
         + f"; validation every {r.val_every} steps, best kept, patience {r.patience}",
         f"- augmentation (image and mask alike; intensity on the image): {aug}",
         f"- warm start: {warm_txt}",

@@ -428,3 +428,27 @@ def test_a_finished_run_that_does_not_beat_its_shipped_partial_keeps_it_and_says
 
     shutil.rmtree(camp.run_dir(entry))
     assert campaign.shipped_campaign_record(entry)["finished"] is True
+
+
+def test_micro_batches_are_recorded_and_a_run_over_the_memory_budget_says_so(tmp_path, one_torch_thread):
+    data = make_blobs(tmp_path / "data")
+    toml = write_toml(tmp_path / "c.toml", tmp_path / "runs", steps=4)
+    text = toml.read_text().replace("[campaign]\n", "[campaign]\nmax_rss_gb = 0.01\n")
+    toml.write_text(text.rstrip() + "\nmicro_batches = 2\n")
+    camp = load_campaign(toml)
+    assert camp.runs[0].micro_batches == 2 and camp.max_rss_gb == 0.01
+    assert camp.runs[0].recipe.digest() == load_campaign(write_toml(tmp_path / "d.toml", tmp_path / "r2")
+                                                         ).runs[0].recipe.digest()  # not part of the recipe
+    rec = train_run(camp.runs[0], camp, data_root=str(data), threads=1, precision="fp32", progress=False)
+    assert rec["micro_batches"] == 2 and rec["step"] == 4
+    log = (camp.run_dir(camp.runs[0]) / "log.txt").read_text()
+    assert "batch 4 in 2 micro-batches" in log
+    assert log.count("over the campaign's max_rss_gb = 0.01: give this run more micro_batches (now 2)") == 1
+    import training.campaign_ship as ship
+
+    assert "batch 4 (as 2 micro-batches, gradients summed" in ship.model_card(camp.runs[0], rec, {}, 0.5, None, False)
+    assert "micro-batches" not in ship.model_card(camp.runs[0], dict(rec, micro_batches=1), {}, 0.5, None, False)
+    for bad in ("0", "5", "1.5"):  # the blob recipe's batch is 4
+        toml.write_text(text.rstrip() + f"\nmicro_batches = {bad}\n")
+        with pytest.raises(CampaignError, match="micro_batches must be a whole number from 1 to the batch size"):
+            load_campaign(toml)
