@@ -363,4 +363,5 @@ def _finished_on_shipped(entry: RunEntry, camp: Campaign, rec: dict[str, Any], t
 
 
 def _short(tests: dict[str, Any]) -> dict[str, float]:
-    return {k: round(figure_of(m) if figure_of(m) is not None else float("nan"), 4) for k, m in tests.items()}
+    figures = {k: figure_of(m) for k, m in tests.items()}
+    return {k: round(f if f is not None else float("nan"), 4) for k, f in figures.items()}
