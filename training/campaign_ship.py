@@ -210,6 +210,9 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
         if "napari_sdunet/weights/" in src.as_posix():  # this checkout's, or a campaign worktree's
             shown = (f"the shipped `{src.name}` weights of that time "
                      f"(git history of `napari_sdunet/weights/{src.name}`)")
+        elif src.name == "model" and (src.parent / "done.json").is_file():  # a finished run's folder here
+            shown = (f"the best weights of the finished `{src.parent.name}` run (its run folder, "
+                     f"`<runs>/{src.parent.name}/model`; shipped as `{src.parent.name}` when they validated best)")
         warm_txt = (f"{shown} ({warm['copied']}/{warm['total']} tensors copied where name and shape "
                     f"match; {warm['gates_opened']} ResSDN gates opened towards the copied conv)")
     for c in rec.get("continued") or []:

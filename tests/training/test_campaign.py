@@ -448,6 +448,10 @@ def test_micro_batches_are_recorded_and_a_run_over_the_memory_budget_says_so(tmp
 
     assert "batch 4 (as 2 micro-batches, gradients summed" in ship.model_card(camp.runs[0], rec, {}, 0.5, None, False)
     assert "micro-batches" not in ship.model_card(camp.runs[0], dict(rec, micro_batches=1), {}, 0.5, None, False)
+    warm = {"source": str(camp.run_dir(camp.runs[0]) / "model"), "copied": 3, "total": 4, "gates_opened": 1}
+    card = ship.model_card(camp.runs[0], dict(rec, warm_start=warm), {}, 0.5, None, False)
+    assert "warm start: the best weights of the finished `unet-nuclei` run (its run folder" in card
+    assert str(tmp_path) not in card  # no path of this machine in a shipped card
     for bad in ("0", "5", "1.5"):  # the blob recipe's batch is 4
         toml.write_text(text.rstrip() + f"\nmicro_batches = {bad}\n")
         with pytest.raises(CampaignError, match="micro_batches must be a whole number from 1 to the batch size"):
