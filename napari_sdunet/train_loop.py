@@ -318,12 +318,13 @@ class Validator:
 
 
 def accumulate_gradients(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, parts: int,
-                         scaler: torch.amp.GradScaler, dtype: torch.dtype, autocast: bool, world: int = 1) -> float:
+                         scaler: torch.amp.GradScaler | None, dtype: torch.dtype, autocast: bool,
+                         world: int = 1) -> float:
     """Forward and backward one batch in ``parts`` pieces, summing the gradients; returns the batch loss.
 
     Each piece's loss is weighted by its share of the batch, so the summed gradient is the whole batch's
     (the loss is a mean over samples and pixels); only BatchNorm sees smaller batches. A batch that
-    does not fit in memory at once trains in pieces that do.
+    does not fit in memory at once trains in pieces that do. ``scaler``: CUDA float16's grad scaler, or None.
     """
     xs, ys = x.chunk(parts), y.chunk(parts)
     total = 0.0
@@ -334,7 +335,7 @@ def accumulate_gradients(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
                 logits = net(xc)
             loss = dice_bce_loss(logits.float(), yc) * (xc.shape[0] / x.shape[0])
-            scaler.scale(loss).backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += float(loss.detach())
     return total
 

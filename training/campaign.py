@@ -359,12 +359,11 @@ def choose_precision(model, train, steps: int = 2, micro_batches: int = 1) -> di
     for name, bf16 in (("fp32", False), ("bf16", True)):
         m = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
         best = math.inf
         for k in range(steps + 1):
             t = time.perf_counter()
             opt.zero_grad()
-            accumulate_gradients(m, x, y, micro_batches, scaler, torch.bfloat16, bf16)
+            accumulate_gradients(m, x, y, micro_batches, None, torch.bfloat16, bf16)
             opt.step()
             if k:
                 best = min(best, time.perf_counter() - t)
