@@ -601,13 +601,38 @@ def train_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, 
     return record
 
 
+RUNS_MARK = "<runs>"  # stands for the campaign's run folder in a shipped record
+
+
+def portable_warm_start(warm: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A warm-start record without the training machine's paths, with the name of the model it started from.
+
+    Shipped weights become ``napari_sdunet/weights/NAME``, a finished run's folder ``<runs>/NAME/model``, any
+    other folder ``<folder>/NAME``. Records already in this form are returned as they are."""
+    if not warm or not warm.get("source"):
+        return warm
+    src = Path(str(warm["source"]))
+    posix = src.as_posix()
+    if posix.startswith((RUNS_MARK, "<folder>")) or (not src.is_absolute() and "model" in warm):
+        return warm
+    if "napari_sdunet/weights/" in posix:  # this checkout's, or a campaign worktree's
+        source, model = f"napari_sdunet/weights/{src.name}", src.name
+    elif src.name == "model":  # a run folder's best weights
+        source, model = f"{RUNS_MARK}/{src.parent.name}/model", src.parent.name
+    else:
+        source, model = f"<folder>/{src.name}", src.name
+    return dict(warm, source=source, model=model)
+
+
 def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """What a shipped model's config keeps of its run, so that a new machine can continue it."""
+    """What a shipped model's config keeps of its run, so that a new machine can continue it (no paths of
+    the machine that trained it)."""
     keys = ("name", "arch", "task", "recipe", "recipe_digest", "steps", "step", "best_val_dice", "best_step",
             "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "continued", "n_train",
             "n_val", "device", "imported", "scoring_changed", "micro_batches")
     out = {k: rec.get(k) for k in keys}
     out["run"] = out.pop("name")
+    out["warm_start"] = portable_warm_start(out["warm_start"])
     return out
 
 

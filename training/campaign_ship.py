@@ -20,7 +20,17 @@ import torch
 from napari_sdunet.checkpoint import load_checkpoint, save_checkpoint
 from napari_sdunet.train_loop import evaluate_dice
 
-from .campaign import Campaign, RunEntry, build_data, campaign_record, log, shipped_folder, val_batch_size
+from .campaign import (
+    RUNS_MARK,
+    Campaign,
+    RunEntry,
+    build_data,
+    campaign_record,
+    log,
+    portable_warm_start,
+    shipped_folder,
+    val_batch_size,
+)
 from .ship import DATA_TERMS, pct
 from .targets import card_tests, figure_of, target_lines, warm_start_name, with_target
 
@@ -195,6 +205,17 @@ def _metric_lines(task: str, tests: dict[str, Any]) -> list[str]:
     return lines
 
 
+def portable_path(path: Path) -> str:
+    """``path`` as a shipped record shows it: relative to the checkout (or a worktree of it, or the working
+    folder), else its name alone, never the training machine's absolute path."""
+    if not path.is_absolute():
+        return path.as_posix()
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return path.name
+
+
 def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_dice: float,
                old_val: float | None, partial: bool) -> str:
     r = entry.recipe
@@ -204,15 +225,14 @@ def model_card(entry: RunEntry, rec: dict[str, Any], tests: dict[str, Any], val_
     warm = rec.get("warm_start")
     warm_txt = "none (random init)"
     if warm:
-        src = Path(warm["source"])
-        repo = Path(__file__).resolve().parents[1]
-        shown = src.relative_to(repo).as_posix() if src.is_absolute() and src.is_relative_to(repo) else str(src)
-        if "napari_sdunet/weights/" in src.as_posix():  # this checkout's, or a campaign worktree's
-            shown = (f"the shipped `{src.name}` weights of that time "
-                     f"(git history of `napari_sdunet/weights/{src.name}`)")
-        elif src.name == "model" and (src.parent / "done.json").is_file():  # a finished run's folder here
-            shown = (f"the best weights of the finished `{src.parent.name}` run (its run folder, "
-                     f"`<runs>/{src.parent.name}/model`; shipped as `{src.parent.name}` when they validated best)")
+        warm = portable_warm_start(warm)
+        src, name = warm["source"], warm["model"]
+        shown = f"the folder `{src}`"
+        if src.startswith("napari_sdunet/weights/"):
+            shown = f"the shipped `{name}` weights of that time (git history of `{src}`)"
+        elif src.startswith(RUNS_MARK):
+            shown = (f"the best weights of the finished `{name}` run (its run folder, `{src}`; shipped as "
+                     f"`{name}` when they validated best)")
         warm_txt = (f"{shown} ({warm['copied']}/{warm['total']} tensors copied where name and shape "
                     f"match; {warm['gates_opened']} ResSDN gates opened towards the copied conv)")
     for c in rec.get("continued") or []:
@@ -314,7 +334,7 @@ def ship_run(entry: RunEntry, camp: Campaign, *, data_root: str | None = None, p
                                     "metrics": dict(tests[primary], protocol=primary,
                                                     measured_on="shipped fp16 weights"),
                                     "metrics_other": others,
-                                    "command": f"python -m training campaign run {camp.path.as_posix()} "
+                                    "command": f"python -m training campaign run {portable_path(camp.path)} "
                                                f"--only {entry.name}"}, card=card)
     learning_curve(rd, folder / "learning_curve.png", f"{entry.name} ({entry.recipe.name})")
     import shutil

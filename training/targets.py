@@ -118,9 +118,11 @@ def with_target(card: str, lines: list[str]) -> str:
 
 
 def warm_start_name(rec: dict[str, Any]) -> str | None:
-    """The name of the model a campaign run started from (its record's ``warm_start`` source folder)."""
-    src = (rec.get("warm_start") or {}).get("source")
-    return Path(src).name if src else None
+    """The name of the model a campaign run started from (its record's ``warm_start``)."""
+    from .campaign import portable_warm_start
+
+    warm = portable_warm_start(rec.get("warm_start"))
+    return warm.get("model") if warm else None
 
 
 def refresh_cards(weights: Path, names: list[str] | None = None) -> list[Path]:

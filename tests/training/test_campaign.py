@@ -254,6 +254,7 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
     folder = ship.ship_run(entry, camp, data_root=str(data), force=True)
     rec = json.loads((folder / "config.json").read_text())["campaign"]
     assert rec["finished"] and rec["warm_start"] == cfg["campaign"]["warm_start"]
+    assert str(tmp_path) not in (folder / "config.json").read_text()  # no path of this machine in the record
     assert [c["step"] for c in rec["continued"]] == [4]
     assert "continued on a new machine at step 4" in (folder / "README.md").read_text()
 
@@ -452,7 +453,47 @@ def test_micro_batches_are_recorded_and_a_run_over_the_memory_budget_says_so(tmp
     card = ship.model_card(camp.runs[0], dict(rec, warm_start=warm), {}, 0.5, None, False)
     assert "warm start: the best weights of the finished `unet-nuclei` run (its run folder" in card
     assert str(tmp_path) not in card  # no path of this machine in a shipped card
+    from training.campaign import campaign_record
+
+    assert campaign_record(dict(rec, name="unet-nuclei", warm_start=warm))["warm_start"] == dict(
+        warm, source="<runs>/unet-nuclei/model", model="unet-nuclei")
     for bad in ("0", "5", "1.5"):  # the blob recipe's batch is 4
         toml.write_text(text.rstrip() + f"\nmicro_batches = {bad}\n")
         with pytest.raises(CampaignError, match="micro_batches must be a whole number from 1 to the batch size"):
             load_campaign(toml)
+
+
+@pytest.mark.parametrize(("source", "portable", "model"), [
+    ("/work/camp/napari_sdunet/weights/unet-nuclei", "napari_sdunet/weights/unet-nuclei", "unet-nuclei"),
+    ("/root/.cache/napari-sdunet/campaign/unetpp-liver/model", "<runs>/unetpp-liver/model", "unetpp-liver"),
+    ("/home/me/my-models/unet-polyps-v2", "<folder>/unet-polyps-v2", "unet-polyps-v2"),
+])
+def test_portable_warm_start_drops_the_machines_paths(source, portable, model):
+    from training.campaign import portable_warm_start
+    from training.targets import warm_start_name
+
+    warm = {"source": source, "copied": 1, "total": 2, "gates_opened": 0}
+    out = portable_warm_start(warm)
+    assert out == dict(warm, source=portable, model=model)
+    assert portable_warm_start(out) == out and portable_warm_start(None) is None
+    assert warm_start_name({"warm_start": warm}) == model == warm_start_name({"warm_start": out})
+
+
+def test_shipped_records_hold_no_path_of_the_training_machine():
+    from napari_sdunet.zoo import PACKAGE_WEIGHTS
+
+    for cfg_file in PACKAGE_WEIGHTS.glob("*/config.json"):
+        text = cfg_file.read_text()
+        for root in ("/work/", "/root/", "/home/", "/tmp/", ":\\"):
+            assert root not in text, (cfg_file.parent.name, root)
+
+
+def test_portable_path_shows_no_machine_path(tmp_path, monkeypatch):
+    from training.campaign_ship import portable_path
+
+    repo = Path(__file__).resolve().parents[2]
+    assert portable_path(repo / "training" / "campaign.toml") == "training/campaign.toml"
+    assert portable_path(Path("training/campaign.toml")) == "training/campaign.toml"
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "runs" / "c.toml") == "runs/c.toml"
+    assert portable_path(Path("/elsewhere/my.toml")) == "my.toml"
