@@ -609,12 +609,10 @@ def portable_warm_start(warm: dict[str, Any] | None) -> dict[str, Any] | None:
 
     Shipped weights become ``napari_sdunet/weights/NAME``, a finished run's folder ``<runs>/NAME/model``, any
     other folder ``<folder>/NAME``. Records already in this form are returned as they are."""
-    if not warm or not warm.get("source"):
+    if not warm or not warm.get("source") or "model" in warm:  # none, or already portable
         return warm
     src = Path(str(warm["source"]))
     posix = src.as_posix()
-    if posix.startswith((RUNS_MARK, "<folder>")) or (not src.is_absolute() and "model" in warm):
-        return warm
     if "napari_sdunet/weights/" in posix:  # this checkout's, or a campaign worktree's
         source, model = f"napari_sdunet/weights/{src.name}", src.name
     elif src.name == "model":  # a run folder's best weights
