@@ -627,7 +627,7 @@ def campaign_record(rec: dict[str, Any]) -> dict[str, Any]:
     the machine that trained it)."""
     keys = ("name", "arch", "task", "recipe", "recipe_digest", "steps", "step", "best_val_dice", "best_step",
             "cpu_hours", "host", "threads", "precision", "finished", "warm_start", "continued", "n_train",
-            "n_val", "device", "imported", "scoring_changed", "micro_batches")
+            "n_val", "steps_per_epoch", "device", "imported", "scoring_changed", "micro_batches")
     out = {k: rec.get(k) for k in keys}
     out["run"] = out.pop("name")
     out["warm_start"] = portable_warm_start(out["warm_start"])
@@ -670,6 +670,15 @@ def run_campaign(camp: Campaign, *, only: list[str] | None = None, data_root: st
 
 # -- status -----------------------------------------------------------------------------------------
 
+def _steps_per_epoch(entry: RunEntry, info: dict[str, Any], shipped: dict[str, Any] | None) -> int:
+    """Steps per epoch from the run folder, else from the shipped record (older records only hold the
+    training set's size: one process draws ``batch_size`` items a step); 0 when unknown."""
+    spe = info.get("steps_per_epoch") or (shipped or {}).get("steps_per_epoch")
+    if not spe and (shipped or {}).get("n_train"):
+        spe = max(1, int(shipped["n_train"]) // entry.recipe.batch_size)
+    return int(spe or 0)
+
+
 def status_rows(camp: Campaign) -> list[dict[str, Any]]:
     """One row per run: step/total, epoch, best val Dice, CPU-hours, precision, host, ETA."""
     rows = []
@@ -685,7 +694,7 @@ def status_rows(camp: Campaign) -> list[dict[str, Any]]:
         if not info and shipped:  # finished on another machine: what its shipped record says
             info = {k: shipped[k] for k in ("precision", "host", "threads") if k in shipped}
         step = int(meta.get("step", (shipped or {}).get("step", 0)))
-        spe = int(info.get("steps_per_epoch") or 0)
+        spe = _steps_per_epoch(entry, info, shipped)
         cpu_h = float(meta.get("cpu_seconds", 0.0)) / 3600 if meta else float((shipped or {}).get("cpu_hours", 0))
         best = meta.get("best_dice", (shipped or {}).get("best_val_dice"))
         done = (rd / "done.json").is_file() or bool((shipped or {}).get("finished"))

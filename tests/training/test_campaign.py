@@ -257,6 +257,16 @@ def test_a_new_machine_continues_from_the_shipped_weights(tmp_path, monkeypatch,
     assert str(tmp_path) not in (folder / "config.json").read_text()  # no path of this machine in the record
     assert [c["step"] for c in rec["continued"]] == [4]
     assert "continued on a new machine at step 4" in (folder / "README.md").read_text()
+    # without the run folder, status reads the epochs from the shipped record (older records: from n_train)
+    shutil.rmtree(camp.run_dir(entry))
+    spe = rec["steps_per_epoch"]
+    assert spe == max(1, rec["n_train"] // entry.recipe.batch_size)
+    row = status_rows(camp)[0]
+    assert row["state"] == "done" and row["epoch"] == f"{8 / spe:.1f}/{8 / spe:.1f}"
+    full = json.loads((folder / "config.json").read_text())
+    del full["campaign"]["steps_per_epoch"]
+    (folder / "config.json").write_text(json.dumps(full))
+    assert status_rows(camp)[0]["epoch"] == row["epoch"]
 
 
 def test_warm_start_maps_a_unet_onto_an_sdunet(tmp_path):
