@@ -179,7 +179,7 @@ def learning_curve(run_dir: Path, out: Path, title: str) -> Path | None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)  # loss low, Dice high: the middle is free
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
