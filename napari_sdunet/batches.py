@@ -174,6 +174,11 @@ class AugmentConfig:
         return cls(flips="flip" in kinds, rot90="rot90" in kinds, intensity=jitter, gamma=jitter)
 
 
+def steps_per_epoch(n_items: int, batch_size: int, world: int = 1) -> int:
+    """Whole batches in one pass over ``n_items`` (the last partial batch is dropped), at least 1."""
+    return max(1, n_items // (batch_size * world))
+
+
 @dataclass
 class BatchSource:
     """Batches of ``(x (B,C,h,w) float in [0,1], y (B,1,h,w) {0,1})`` for :func:`train_loop.fit`.
@@ -211,7 +216,7 @@ class BatchSource:
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.images) // (self.batch_size * self.world))
+        return steps_per_epoch(len(self.images), self.batch_size, self.world)
 
     def shard(self, rank: int, world: int) -> BatchSource:
         """The same batches split over ``world`` processes: rank r gets its own ``batch_size`` items

@@ -675,7 +675,9 @@ def _steps_per_epoch(entry: RunEntry, info: dict[str, Any], shipped: dict[str, A
     training set's size: one process draws ``batch_size`` items a step); 0 when unknown."""
     spe = info.get("steps_per_epoch") or (shipped or {}).get("steps_per_epoch")
     if not spe and (shipped or {}).get("n_train"):
-        spe = max(1, int(shipped["n_train"]) // entry.recipe.batch_size)
+        from napari_sdunet.batches import steps_per_epoch
+
+        spe = steps_per_epoch(int(shipped["n_train"]), entry.recipe.batch_size)
     return int(spe or 0)
 
 
